@@ -1,0 +1,243 @@
+"""An asyncio micro-batcher: many concurrent callers, one batch function, one worker thread.
+
+- The batch window opens at the first arrival: a batch runs when it holds `max_batch_size`
+  items or `max_wait_ms` has passed since its oldest item arrived (monotonic clock).
+- The queue is bounded: `submit_many` raises QueueFullError when the items don't fit, all or
+  nothing, so a request is never half-queued.
+- Items whose caller went away (future cancelled) or whose deadline passed are dropped before
+  the batch runs, so they cost no model time.
+- The batch function maps a list to a list of the same length, checked; an exception or a
+  length mismatch fails every item of that batch (and only that batch), and the loop goes on.
+- The batch function runs on the executor given (one thread: the owner of the accelerator);
+  the event loop never blocks on it. Results are set only on futures that are not done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from server.errors import BatchError, DeadlineExceededError, QueueFullError, UnavailableError
+
+log = logging.getLogger(__name__)
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+@dataclass(frozen=True)
+class Batched(Generic[Out]):
+    """A result with the server's account of how it was produced."""
+
+    value: Out
+    queue_s: float  # from submit to the start of its batch
+    infer_s: float  # the batch function's wall time
+    batch_size: int
+    batch_id: int  # tells apart the batches that served the windows of one request
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """Handed to the `on_batch` hook after every batch, for metrics."""
+
+    size: int
+    queue_s: list[float]
+    infer_s: float
+    ok: bool
+
+
+@dataclass
+class _Pending(Generic[In, Out]):
+    item: In
+    future: asyncio.Future[Batched[Out]]
+    enqueued: float
+    deadline: float | None = None  # monotonic seconds
+
+
+@dataclass
+class BatcherConfig:
+    max_batch_size: int = 8
+    max_wait_ms: float = 10.0
+    max_queue_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, not {self.max_batch_size}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, not {self.max_wait_ms}")
+        if self.max_queue_size < self.max_batch_size:
+            raise ValueError("max_queue_size must be >= max_batch_size")
+
+
+@dataclass
+class MicroBatcher(Generic[In, Out]):
+    batch_fn: Callable[[list[In]], Sequence[Out]]
+    executor: Executor
+    config: BatcherConfig = field(default_factory=BatcherConfig)
+    on_batch: Callable[[BatchStats], None] | None = None
+
+    def __post_init__(self) -> None:
+        self._queue: collections.deque[_Pending[In, Out]] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._accepting = True
+        self._running = 0  # items in the batch now on the worker
+        self._batches_run = 0
+        self._idle = asyncio.Event()  # set while nothing is queued or running
+        self._idle.set()
+
+    # -- callers -------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        """Items waiting for a batch (not counting the batch now running)."""
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._queue) + self._running
+
+    async def submit(self, item: In, deadline: float | None = None) -> Batched[Out]:
+        return (await self.submit_many([item], deadline))[0]
+
+    async def submit_many(
+        self, items: list[In], deadline: float | None = None
+    ) -> list[Batched[Out]]:
+        """Queue all items or none; wait for all their results. Cancelling the caller cancels
+        its queued items, which are then skipped before inference."""
+        futures = self.enqueue(items, deadline)
+        try:
+            return list(await asyncio.gather(*futures))
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+
+    def enqueue(
+        self, items: list[In], deadline: float | None = None
+    ) -> list[asyncio.Future[Batched[Out]]]:
+        """Queue items without waiting (streaming uses this); the futures carry the results."""
+        if not self._accepting:
+            raise UnavailableError("server is shutting down and takes no new requests")
+        if len(self._queue) + len(items) > self.config.max_queue_size:
+            raise QueueFullError(
+                f"server queue is full ({len(self._queue)} of {self.config.max_queue_size} "
+                f"windows waiting, this request needs {len(items)}); retry with backoff"
+            )
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        pendings = [_Pending(item, loop.create_future(), now, deadline) for item in items]
+        self._queue.extend(pendings)
+        self._idle.clear()
+        self._arrived.set()
+        return [p.future for p in pendings]
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop accepting; wait up to timeout_s for queued and running items. True if drained."""
+        self._accepting = False
+        self._arrived.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        self._accepting = False
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for p in self._queue:
+            if not p.future.done():
+                p.future.set_exception(UnavailableError("server stopped before this request ran"))
+        self._queue.clear()
+
+    # -- the loop ------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            if not self._queue:
+                self._idle.set()
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            await self._wait_for_batch()
+            batch = self._take_batch()
+            if batch:
+                await self._run(batch)
+
+    async def _wait_for_batch(self) -> None:
+        """Wait until the batch is full or the oldest item has waited max_wait_ms."""
+        max_wait_s = self.config.max_wait_ms / 1000
+        while len(self._queue) < self.config.max_batch_size and self._accepting:
+            remaining = self._queue[0].enqueued + max_wait_s - time.monotonic()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _take_batch(self) -> list[_Pending[In, Out]]:
+        batch: list[_Pending[In, Out]] = []
+        now = time.monotonic()
+        while self._queue and len(batch) < self.config.max_batch_size:
+            p = self._queue.popleft()
+            if p.future.done():  # the caller went away: no model time for it
+                continue
+            if p.deadline is not None and now >= p.deadline:
+                p.future.set_exception(
+                    DeadlineExceededError(
+                        f"deadline passed after {now - p.enqueued:.3f} s in the queue, "
+                        "before the model could run it"
+                    )
+                )
+                continue
+            batch.append(p)
+        return batch
+
+    async def _run(self, batch: list[_Pending[In, Out]]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        self._running = len(batch)
+        ok = False
+        try:
+            outs = await loop.run_in_executor(self.executor, self.batch_fn, [p.item for p in batch])
+            if len(outs) != len(batch):
+                raise BatchError(f"model returned {len(outs)} results for a batch of {len(batch)}")
+            ok = True
+        except Exception as err:
+            log.exception("batch of %d failed", len(batch))
+            failure = (
+                err
+                if isinstance(err, BatchError)
+                else BatchError(f"model failed on this batch of {len(batch)}: {type(err).__name__}")
+            )
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(failure)
+        finally:
+            self._running = 0
+        infer_s = time.monotonic() - started
+        self._batches_run += 1
+        if ok:
+            for p, out in zip(batch, outs, strict=True):
+                if not p.future.done():
+                    p.future.set_result(
+                        Batched(out, started - p.enqueued, infer_s, len(batch), self._batches_run)
+                    )
+        if self.on_batch is not None:
+            self.on_batch(
+                BatchStats(len(batch), [started - p.enqueued for p in batch], infer_s, ok)
+            )

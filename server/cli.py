@@ -1,0 +1,108 @@
+"""Command line and environment -> Settings, then `server.app.run`. Nothing else.
+
+Every flag can also be set by an environment variable `WHISPER_GRPC_<FLAG>` (dashes become
+underscores: `--max-batch-size` <- `WHISPER_GRPC_MAX_BATCH_SIZE`); a flag beats the variable.
+Invalid values end the process with a message and exit code 2 before anything loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from server.config import Settings, SettingsError
+
+ENV_PREFIX = "WHISPER_GRPC_"
+
+# flag -> (type, help). Defaults and bounds live in Settings; the help repeats its doc.
+_FLAGS: dict[str, tuple[Any, str]] = {
+    "host": (str, "address to listen on"),
+    "port": (int, "gRPC port (0: any free port)"),
+    "model": (str, "built-in name (tiny.en, base), local checkpoint dir, or hub id"),
+    "device": (str, "auto, cpu, cuda, cuda:N"),
+    "dtype": (str, "auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16"),
+    "max-batch-size": (int, "most 30 s windows per model call"),
+    "max-wait-ms": (float, "longest a batch waits to fill after its first item, ms"),
+    "max-queue-size": (int, "windows allowed to wait; beyond: RESOURCE_EXHAUSTED"),
+    "max-audio-s": (float, "longest audio accepted per request, seconds"),
+    "max-message-mb": (float, "largest gRPC message accepted, MiB"),
+    "metrics-port": (int, "Prometheus port (-1: off, 0: any free port)"),
+    "log-level": (str, "DEBUG, INFO, WARNING, ERROR"),
+    "cache-dir": (Path, "where built-in models are converted once"),
+    "num-threads": (int, "torch CPU threads (0: all cores)"),
+    "grace-s": (float, "on SIGTERM, time allowed for queued work to finish, seconds"),
+    "warmup": (lambda v: _parse_bool(v), "warm the model up before SERVING (true/false)"),
+    "max-new-tokens": (int, "decoder token limit per 30 s window"),
+    "max-beam-size": (int, "largest beam a client may ask for"),
+}
+
+
+def _parse_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+def parse_settings(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Flags over environment over defaults. Raises SettingsError naming the bad setting."""
+    env = os.environ if env is None else env
+    defaults = Settings()
+    parser = argparse.ArgumentParser(prog="whisper-grpc-server", description=__doc__)
+    for flag, (_type, help_text) in _FLAGS.items():
+        name = flag.replace("-", "_")
+        parser.add_argument(
+            f"--{flag}",
+            dest=name,
+            default=None,
+            help=f"{help_text} [env {ENV_PREFIX}{name.upper()}; default {getattr(defaults, name)}]",
+        )
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    for flag, (convert, _help) in _FLAGS.items():
+        name = flag.replace("-", "_")
+        raw = getattr(args, name)
+        source = f"--{flag}"
+        if raw is None and f"{ENV_PREFIX}{name.upper()}" in env:
+            raw, source = env[f"{ENV_PREFIX}{name.upper()}"], f"{ENV_PREFIX}{name.upper()}"
+        if raw is None:
+            continue
+        try:
+            values[name] = convert(raw)
+        except ValueError as err:
+            raise SettingsError(f"{source}: invalid value {raw!r} ({err})") from err
+    values["log_level"] = str(values.get("log_level", defaults.log_level)).upper()
+    return dataclasses.replace(defaults, **values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = parse_settings(argv)
+    except SettingsError as err:
+        print(f"whisper-grpc-server: error: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return asyncio.run(_run(settings))
+
+
+async def _run(settings: Settings) -> int:
+    from server.app import run
+
+    return await run(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

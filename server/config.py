@@ -1,0 +1,105 @@
+"""Settings: the one typed, validated configuration of the server.
+
+Filled at the boundary (command-line flags and `WHISPER_GRPC_*` environment variables, in
+`server.cli`) and passed down explicitly; no inner module reads the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL = "tiny.en"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+
+
+class SettingsError(ValueError):
+    """A setting has a value the server cannot run with; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs to start. Each field documents its unit and bounds."""
+
+    host: str = "0.0.0.0"
+    """Address to listen on."""
+    port: int = 50051
+    """gRPC port; 0 picks a free one (tests)."""
+    model: str = DEFAULT_MODEL
+    """Built-in name (`tiny.en`, `base`), a local checkpoint directory, or a Hugging Face hub id."""
+    device: str = "auto"
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:N`."""
+    dtype: str = "auto"
+    """`auto` (float16 on GPU, float32 on CPU), `float32`, `float16`, `bfloat16`."""
+    max_batch_size: int = 8
+    """Most 30 s windows in one model call, 1..256."""
+    max_wait_ms: float = 10.0
+    """Longest a batch waits to fill after its first item arrived, 0..10000 ms."""
+    max_queue_size: int = 256
+    """Windows waiting for the model; beyond it requests get RESOURCE_EXHAUSTED, 1..100000."""
+    max_audio_s: float = 600.0
+    """Longest audio accepted per request, in seconds, 1..14400."""
+    max_message_mb: float = 64.0
+    """Largest gRPC message accepted, in MiB, 1..2047."""
+    metrics_port: int = 9090
+    """Prometheus metrics HTTP port; -1 disables, 0 picks a free one."""
+    log_level: str = "INFO"
+    """DEBUG, INFO, WARNING or ERROR."""
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "whisper-grpc")
+    """Where built-in models are converted to transformers checkpoints (once)."""
+    num_threads: int = 0
+    """Torch CPU threads; 0 = all cores."""
+    grace_s: float = 30.0
+    """On SIGTERM, how long queued and running work may take to finish, 0..3600 s."""
+    warmup: bool = True
+    """Run the model once per batch size at start-up, before reporting SERVING."""
+    max_new_tokens: int = 440
+    """Decoder token limit per 30 s window, 1..440 (Whisper's context is 448 with the prompt)."""
+    max_beam_size: int = 5
+    """Largest beam a client may ask for, 1..16."""
+
+    def __post_init__(self) -> None:
+        _check_range("port", self.port, 0, 65535)
+        _check_range("max_batch_size", self.max_batch_size, 1, 256)
+        _check_range("max_wait_ms", self.max_wait_ms, 0, 10_000)
+        _check_range("max_queue_size", self.max_queue_size, 1, 100_000)
+        _check_range("max_audio_s", self.max_audio_s, 1, 14_400)
+        _check_range("max_message_mb", self.max_message_mb, 1, 2047)
+        _check_range("metrics_port", self.metrics_port, -1, 65535)
+        _check_range("num_threads", self.num_threads, 0, 1024)
+        _check_range("grace_s", self.grace_s, 0, 3600)
+        _check_range("max_new_tokens", self.max_new_tokens, 1, 440)
+        _check_range("max_beam_size", self.max_beam_size, 1, 16)
+        if self.max_queue_size < self.max_batch_size:
+            raise SettingsError(
+                f"max_queue_size ({self.max_queue_size}) must be at least max_batch_size "
+                f"({self.max_batch_size}), or no batch could ever fill"
+            )
+        if not _DEVICE_RE.match(self.device):
+            raise SettingsError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise SettingsError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise SettingsError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        if not self.model.strip():
+            raise SettingsError("model must not be empty")
+        if self.device == "cpu" and self.dtype == "float16":
+            raise SettingsError("dtype float16 needs a GPU; use float32 or bfloat16 on the CPU")
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb * 1024 * 1024)
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SettingsError(f"{name} must be a number, not {value!r}")
+    if not low <= value <= high:
+        raise SettingsError(f"{name} must be between {low} and {high}, not {value}")

@@ -1,0 +1,61 @@
+"""The error taxonomy of the server and the one table that maps it to gRPC status codes.
+
+Inner modules (audio, batcher, models) raise these plain exceptions; only the edge (the
+interceptor in `server.interceptors`) turns them into statuses. Anything not listed here is a
+bug: it becomes INTERNAL, is logged once with its traceback, and the client sees no traceback.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class AsrError(Exception):
+    """Base of every error the server reports to a client on purpose."""
+
+
+class InvalidArgumentError(AsrError):
+    """The request itself is wrong (bad field, bad config); retrying it unchanged won't help."""
+
+
+class InvalidAudioError(InvalidArgumentError):
+    """The audio bytes can't be decoded, are empty, or break a limit."""
+
+
+class QueueFullError(AsrError):
+    """The batch queue is at capacity: back off and retry."""
+
+
+class DeadlineExceededError(AsrError):
+    """The client's deadline passed before the model could serve the request."""
+
+
+class UnavailableError(AsrError):
+    """The server is starting or draining and takes no new work."""
+
+
+class BatchError(AsrError):
+    """The model call for a batch failed; every request of that batch gets this error."""
+
+
+class UnimplementedError(AsrError):
+    """The rpc or option is declared but not implemented by this server."""
+
+
+# Checked in order: the first matching class wins, so subclasses come before their bases.
+STATUS_BY_ERROR: tuple[tuple[type[AsrError], grpc.StatusCode], ...] = (
+    (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (UnimplementedError, grpc.StatusCode.UNIMPLEMENTED),
+    (BatchError, grpc.StatusCode.INTERNAL),
+)
+
+
+def status_for(error: BaseException) -> grpc.StatusCode:
+    """The status a client gets for `error`; INTERNAL for anything unexpected."""
+    for error_type, code in STATUS_BY_ERROR:
+        if isinstance(error, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL

@@ -1,0 +1,69 @@
+"""Prometheus collectors of the server, in one place, on a registry of their own.
+
+A registry per server (not the process-global one) so that tests can run several servers in
+one process. Names and meanings are listed in the README ("Metrics").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from server.batcher import BatchStats
+
+# Latency buckets from 5 ms to 2 min: CPU tiny.en and GPU large-v3 both land inside.
+LATENCY_BUCKETS_S = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+    120.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "asr_requests", "Finished RPCs by method and gRPC status code.", ["method", "code"],
+            registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "asr_queue_depth", "Windows waiting in the batch queue.", registry=r
+        )
+        self.batch_size = Histogram(
+            "asr_batch_size", "Windows per model call.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_seconds = Histogram(
+            "asr_queue_seconds", "Time a window waited for its batch.",
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.inference_seconds = Histogram(
+            "asr_inference_seconds", "Wall time of one model call (a batch).",
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.request_seconds = Histogram(
+            "asr_request_seconds", "End-to-end server time of a request, by method.", ["method"],
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.audio_seconds = Counter(
+            "asr_audio_seconds", "Seconds of audio transcribed.", registry=r
+        )
+        self.batch_failures = Counter(
+            "asr_batch_failures", "Model calls that raised; all their requests failed.", registry=r
+        )
+
+    def observe_batch(self, stats: BatchStats) -> None:
+        self.batch_size.observe(stats.size)
+        self.inference_seconds.observe(stats.infer_s)
+        for q in stats.queue_s:
+            self.queue_seconds.observe(q)
+        if not stats.ok:
+            self.batch_failures.inc()
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Start the /metrics HTTP endpoint; returns the bound port (port 0 picks one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_address[1])

@@ -1,0 +1,88 @@
+"""The batch interface between the batcher and a speech model, in plain Python types.
+
+A model is a pure batch function: `run_batch(list[WindowTask]) -> list[WindowResult]` of the
+same length and order. `prepare()` turns audio into model input and is thread-safe (it runs in
+request threads); `run_batch()` and `warmup()` are only ever called from the single model worker
+thread, which owns the accelerator. No protobuf here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How to decode one window. Windows with equal options can share one generate call."""
+
+    language: str | None = None  # None: English for .en models, detected for multilingual ones
+    task: str = "transcribe"  # or "translate"
+    temperature: float = 0.0
+    beam_size: int = 1
+    prompt: str = ""
+    word_timestamps: bool = False
+
+
+@dataclass
+class WindowTask:
+    """One <= 30 s window of one request: the unit the batcher batches."""
+
+    features: np.ndarray  # the model's input for this window, from SpeechModel.prepare()
+    duration_s: float
+    options: DecodeOptions = field(default_factory=DecodeOptions)
+
+
+@dataclass(frozen=True)
+class Word:
+    """A word with times relative to the start of its window."""
+
+    word: str
+    start_s: float
+    end_s: float
+    probability: float = 0.0
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """What the model heard in one window."""
+
+    text: str
+    language: str
+    confidence: float = 0.0  # geometric mean of token probabilities, 0 when unknown
+    no_speech_prob: float = 0.0
+    words: tuple[Word, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What `GetServerInfo` reports about the model."""
+
+    model_id: str
+    multilingual: bool
+    device: str
+    device_name: str
+    dtype: str
+    languages: tuple[str, ...] = ()
+
+
+class SpeechModel(ABC):
+    """A loaded speech model behind the batch interface."""
+
+    info: ModelInfo
+
+    @abstractmethod
+    def prepare(self, samples: np.ndarray) -> np.ndarray:
+        """16 kHz mono float32 audio (<= 30 s) -> model input for one window. Thread-safe."""
+
+    @abstractmethod
+    def run_batch(self, tasks: list[WindowTask]) -> list[WindowResult]:
+        """Decode a batch of windows; returns one result per task, in order."""
+
+    def warmup(self, batch_sizes: list[int]) -> None:  # noqa: B027 - optional hook
+        """Run the model once per batch size so the first requests don't pay for lazy init."""
+
+    def check_options(self, options: DecodeOptions) -> None:  # noqa: B027 - optional hook
+        """Raise InvalidArgumentError if this model can't decode with `options`."""
