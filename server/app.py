@@ -96,7 +96,7 @@ async def build_server(settings: Settings) -> ServerHandle:
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(interceptors=[ErrorInterceptor(metrics)], options=options)
-    servicer = SpeechServicer(settings)
+    servicer = SpeechServicer(settings, metrics)
     asr_pb2_grpc.add_SpeechServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

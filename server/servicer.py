@@ -20,6 +20,7 @@ from asr.v1 import asr_pb2, asr_pb2_grpc
 from server.audio import AudioFormat, Encoding
 from server.config import Settings
 from server.errors import InvalidArgumentError, UnavailableError, UnimplementedError
+from server.metrics import Metrics
 from server.models.base import DecodeOptions
 from server.recognizer import Recognition, Recognizer, Segment, Timing
 
@@ -42,6 +43,7 @@ _TASKS = {
 @dataclass
 class SpeechServicer(asr_pb2_grpc.SpeechServicer):
     settings: Settings
+    metrics: Metrics
     recognizer: Recognizer | None = None  # None until the model is loaded and warmed up
 
     def _ready(self) -> Recognizer:
@@ -57,6 +59,7 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
         if request.audio.WhichOneof("audio_source") != "content":
             raise InvalidArgumentError("audio.content is required")
         result = await recognizer.recognize(request.audio.content, fmt, options, _deadline(context))
+        self.metrics.audio_seconds.inc(result.timing.audio_s)
         return _response(result)
 
     async def StreamingRecognize(

@@ -1,0 +1,264 @@
+"""Whisper on transformers: the only module that imports torch for inference.
+
+Only the model worker thread calls `run_batch()` and `warmup()` (see `server.app`): one owner
+of the accelerator. `prepare()` (log-mel features, numpy only) is thread-safe and runs in
+request threads, so feature extraction never queues behind the model.
+
+A batch is decoded in three steps: one encoder pass over all windows; one decoder step at
+<|startoftranscript|> for the no-speech probability (cheap, and what Whisper's own silence
+check uses); then `generate` from the encoder output, greedy by default. Windows with
+different decoding options (language, task, beam, prompt...) are decoded as separate groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import WhisperForConditionalGeneration, WhisperProcessor
+from transformers.modeling_outputs import BaseModelOutput
+
+from server.errors import InvalidArgumentError
+from server.models.base import DecodeOptions, ModelInfo, SpeechModel, WindowResult, WindowTask, Word
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16_000
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_PROMPT_TOKENS = 223  # Whisper's decoder context is 448; the prompt may use half of it
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device} asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    tokens: list[int]
+    logprobs: list[float]
+    times: list[float] | None
+    language: str | None
+
+
+class WhisperModel(SpeechModel):
+    def __init__(
+        self,
+        checkpoint: str,
+        model_id: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_new_tokens: int = 440,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.max_new_tokens = max_new_tokens
+        self.processor = WhisperProcessor.from_pretrained(checkpoint)
+        self.model = WhisperForConditionalGeneration.from_pretrained(
+            checkpoint,
+            dtype=self.dtype,
+            attn_implementation="sdpa",
+        ).to(self.device)
+        self.model.eval()
+        self.tokenizer = self.processor.tokenizer
+        gen = self.model.generation_config
+        lang_to_id: dict[str, int] = dict(getattr(gen, "lang_to_id", None) or {})
+        self._lang_by_id = {i: tok.strip("<|>") for tok, i in lang_to_id.items()}
+        multilingual = bool(getattr(gen, "is_multilingual", False)) and bool(lang_to_id)
+        self._sot = int(gen.decoder_start_token_id)
+        self._eos = int(gen.eos_token_id)
+        self._no_speech = self._token_id("<|nospeech|>") or self._token_id("<|nocaptions|>")
+        self.info = ModelInfo(
+            model_id=model_id,
+            multilingual=multilingual,
+            device=str(self.device),
+            device_name=device_name(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            languages=tuple(sorted(self._lang_by_id.values())) if multilingual else ("en",),
+        )
+        log.info("loaded %s on %s (%s)", model_id, self.device, self.info.dtype)
+
+    def _token_id(self, token: str) -> int | None:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        return None if token_id in (None, self.tokenizer.unk_token_id) else int(token_id)
+
+    # -- the batch interface ------------------------------------------------------------
+    def check_options(self, options: DecodeOptions) -> None:
+        if not self.info.multilingual:
+            if options.language not in (None, "en"):
+                raise InvalidArgumentError(
+                    f"model {self.info.model_id} is English-only; language_code "
+                    f"{options.language!r} is not supported (leave it empty or use 'en')"
+                )
+            if options.task == "translate":
+                raise InvalidArgumentError(
+                    f"model {self.info.model_id} is English-only and cannot translate"
+                )
+        elif options.language is not None and options.language not in self.info.languages:
+            raise InvalidArgumentError(f"language_code {options.language!r} is not supported")
+        if options.prompt and len(self.tokenizer.encode(" " + options.prompt.strip())) > (
+            MAX_PROMPT_TOKENS
+        ):
+            raise InvalidArgumentError(f"initial_prompt is longer than {MAX_PROMPT_TOKENS} tokens")
+
+    def prepare(self, samples: np.ndarray) -> np.ndarray:
+        features = self.processor.feature_extractor(
+            samples, sampling_rate=SAMPLE_RATE, return_tensors="np"
+        ).input_features[0]
+        return np.ascontiguousarray(features, dtype=np.float32)
+
+    def run_batch(self, tasks: list[WindowTask]) -> list[WindowResult]:
+        groups: dict[DecodeOptions, list[int]] = defaultdict(list)
+        for i, task in enumerate(tasks):
+            groups[task.options].append(i)
+        results: list[WindowResult | None] = [None] * len(tasks)
+        for options, indices in groups.items():
+            group = [tasks[i] for i in indices]
+            for i, result in zip(indices, self._decode_group(group, options), strict=True):
+                results[i] = result
+        return [r for r in results if r is not None]
+
+    def warmup(self, batch_sizes: list[int]) -> None:
+        silence = self.prepare(np.zeros(SAMPLE_RATE, dtype=np.float32))
+        for size in sorted(set(batch_sizes)):
+            self.run_batch([WindowTask(silence, 1.0) for _ in range(size)])
+            log.info("warmed up at batch size %d", size)
+
+    # -- decoding ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _decode_group(self, tasks: list[WindowTask], options: DecodeOptions) -> list[WindowResult]:
+        features = torch.from_numpy(np.stack([t.features for t in tasks]))
+        features = features.to(self.device, self.dtype)
+        encoded = self.model.get_encoder()(features)
+        no_speech = self._no_speech_probs(encoded)
+        decoded = self._generate(encoded, options, len(tasks))
+        return [
+            self._result(d, p, task.duration_s)
+            for d, p, task in zip(decoded, no_speech, tasks, strict=True)
+        ]
+
+    def _no_speech_probs(self, encoded: BaseModelOutput) -> list[float]:
+        if self._no_speech is None:
+            return [0.0] * encoded.last_hidden_state.shape[0]
+        batch = encoded.last_hidden_state.shape[0]
+        sot = torch.full((batch, 1), self._sot, device=self.device, dtype=torch.long)
+        logits = self.model(encoder_outputs=encoded, decoder_input_ids=sot).logits[:, 0]
+        return torch.softmax(logits.float(), dim=-1)[:, self._no_speech].tolist()
+
+    def _generate_kwargs(self, options: DecodeOptions) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "return_dict_in_generate": True,
+            "output_scores": True,
+            "max_new_tokens": self.max_new_tokens,
+        }
+        if self.info.multilingual:
+            kwargs["task"] = options.task
+            if options.language is not None:
+                kwargs["language"] = options.language
+        if options.temperature > 0:
+            kwargs.update(do_sample=True, temperature=options.temperature)
+        if options.beam_size > 1:
+            kwargs["num_beams"] = options.beam_size
+        if options.prompt:
+            kwargs["prompt_ids"] = torch.as_tensor(
+                self.processor.get_prompt_ids(options.prompt.strip()), device=self.device
+            )
+        if options.word_timestamps:
+            kwargs["return_token_timestamps"] = True
+        return kwargs
+
+    def _generate(
+        self, encoded: BaseModelOutput, options: DecodeOptions, batch: int
+    ) -> list[_Decoded]:
+        kwargs = self._generate_kwargs(options)
+        out = self.model.generate(encoder_outputs=encoded, **kwargs)
+        sequences = out["sequences"].cpu()
+        n_new = len(out["scores"])
+        new_tokens = sequences[:, sequences.shape[1] - n_new :]
+        logprobs = self._token_logprobs(out, new_tokens)
+        times = out.get("token_timestamps") if options.word_timestamps else None
+        if times is not None:
+            times = times.cpu()
+        decoded = []
+        for row in range(batch):
+            tokens = new_tokens[row].tolist()
+            end = tokens.index(self._eos) if self._eos in tokens else len(tokens)
+            row_times = None
+            if times is not None:
+                row_times = times[row, times.shape[1] - n_new :].float().tolist()[: end + 1]
+            decoded.append(
+                _Decoded(
+                    tokens[:end],
+                    logprobs[row][:end],
+                    row_times,
+                    self._language_in(sequences[row, : sequences.shape[1] - n_new].tolist()),
+                )
+            )
+        return decoded
+
+    def _token_logprobs(self, out: Any, new_tokens: torch.Tensor) -> list[list[float]]:
+        steps = out["scores"]
+        if not steps or steps[0].shape[0] != new_tokens.shape[0]:
+            return [[] for _ in range(new_tokens.shape[0])]  # beam search: no per-token scores
+        scores = torch.stack([s.float().cpu() for s in steps], dim=1)  # batch, steps, vocab
+        logp = torch.log_softmax(scores, dim=-1)
+        picked = logp.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        return picked.tolist()
+
+    def _language_in(self, prompt_tokens: list[int]) -> str | None:
+        for token in prompt_tokens:
+            if token in self._lang_by_id:
+                return self._lang_by_id[token]
+        return None
+
+    def _result(self, d: _Decoded, no_speech_prob: float, duration_s: float) -> WindowResult:
+        text = self.tokenizer.decode(d.tokens, skip_special_tokens=True).strip()
+        finite = [lp for lp in d.logprobs if np.isfinite(lp)]
+        confidence = float(np.exp(np.mean(finite))) if finite else 0.0
+        words = self._words(d, duration_s) if d.times is not None else ()
+        language = d.language or ("en" if not self.info.multilingual else "")
+        return WindowResult(text, language, confidence, float(no_speech_prob), words)
+
+    def _words(self, d: _Decoded, duration_s: float) -> tuple[Word, ...]:
+        """Group tokens into words (a word starts at a token that begins with a space); a
+        word spans from its first token's time to the time of the token after its last."""
+        assert d.times is not None
+        spans: list[tuple[str, int, int]] = []  # text, first token index, last token index
+        special = set(self.tokenizer.all_special_ids)
+        for i, token in enumerate(d.tokens):
+            if token in special or token >= self._eos:
+                continue
+            piece = self.tokenizer.decode([token])
+            if not spans or piece.startswith(" "):
+                spans.append((piece, i, i))
+            else:
+                text, first, _ = spans[-1]
+                spans[-1] = (text + piece, first, i)
+        words = []
+        for text, first, last in spans:
+            start = min(d.times[first], duration_s)
+            end = min(d.times[min(last + 1, len(d.times) - 1)], duration_s)
+            probs = [np.exp(lp) for lp in d.logprobs[first : last + 1]] or [0.0]
+            words.append(Word(text.strip(), start, max(end, start), float(np.mean(probs))))
+        return tuple(w for w in words if w.word)

@@ -1,0 +1,219 @@
+"""The servicer and the app through a real gRPC server on loopback, with the fake model:
+conversion, status codes, batching of concurrent calls, health, reflection, info."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from asr.v1 import asr_pb2
+from server.config import Settings
+from server.models.fake import FakeModel, describe
+from tests.conftest import tone, wav_bytes
+from tests.server_thread import ServerThread
+
+Config = asr_pb2.RecognitionConfig
+
+
+@pytest.fixture
+def fake():
+    return FakeModel()
+
+
+@pytest.fixture
+def served(fake):
+    server = ServerThread(Settings(max_batch_size=4, max_wait_ms=50, max_queue_size=8), fake)
+    yield server.start()
+    fake.gate = None
+    server.stop()
+
+
+def wav_request(seconds: float = 1.0, rate: int = 16_000) -> asr_pb2.RecognizeRequest:
+    return asr_pb2.RecognizeRequest(
+        audio=asr_pb2.RecognitionAudio(content=wav_bytes(tone(440, seconds, rate), rate))
+    )
+
+
+def test_recognize_returns_text_and_timing(served):
+    response = served.stub().Recognize(wav_request(2.0), timeout=30)
+    expected = describe(np.zeros(32_000))[:8]  # "n=32000 ": the fake saw 2 s at 16 kHz
+    assert response.results[0].alternatives[0].transcript.startswith(expected)
+    assert response.results[0].language_code == "en"
+    assert response.results[0].result_end_time.ToNanoseconds() == 2_000_000_000
+    assert response.timing.batch_size == 1
+    assert response.timing.windows == 1
+    assert response.timing.audio_duration.ToMilliseconds() == 2000
+    assert response.timing.total_time.ToNanoseconds() >= response.timing.inference_time.ToNanoseconds()
+
+
+def test_long_audio_is_split_into_windows_that_share_one_batch(served, fake):
+    response = served.stub().Recognize(wav_request(70.0), timeout=60)
+    assert response.timing.windows == 3
+    assert len(response.results) == 3
+    starts = [r.result_start_time.ToMilliseconds() for r in response.results]
+    assert starts == sorted(starts) and starts[0] == 0
+    assert fake.batches == [3]  # the three windows ran in one model call
+    assert response.timing.batch_size == 3
+
+
+def test_concurrent_requests_share_batches(served, fake):
+    fake.gate = threading.Event()
+    stub = served.stub()
+    futures = [stub.Recognize.future(wav_request(1.0 + i / 10), timeout=30) for i in range(4)]
+    assert fake.started.wait(10)
+    fake.gate.set()
+    responses = [f.result() for f in futures]
+    # Each caller got its own result back (lengths differ per request).
+    lengths = [r.results[0].alternatives[0].transcript.split()[0] for r in responses]
+    assert lengths == [f"n={16_000 + i * 1_600}" for i in range(4)]
+    assert max(r.timing.batch_size for r in responses) > 1
+
+
+@pytest.mark.parametrize(
+    ("config", "content", "message"),
+    [
+        (Config(), b"", "empty"),
+        (Config(), b"garbage bytes, not audio" * 4, "not a WAV, FLAC or OGG"),
+        (Config(encoding=Config.LINEAR16), b"\x00\x00" * 100, "needs sample_rate_hertz"),
+        (Config(encoding=Config.LINEAR16, sample_rate_hertz=16_000), b"\x00" * 3, "whole number"),
+        (Config(sample_rate_hertz=-5), b"\x00\x00", "negative"),
+        (Config(encoding=Config.LINEAR16, sample_rate_hertz=10**9), b"\x00\x00", "between"),
+        (Config(encoding=57), b"\x00\x00", "unknown audio encoding 57"),
+        (Config(language_code="fr"), b"\x00\x00", "English-only"),
+        (Config(model="whisper-huge"), b"\x00\x00", "not served here"),
+        (Config(beam_size=99), b"\x00\x00", "beam_size"),
+        (Config(temperature=3.0), b"\x00\x00", "temperature"),
+    ],
+)
+def test_bad_input_gets_invalid_argument_and_the_server_keeps_serving(served, config, content, message):
+    stub = served.stub()
+    request = asr_pb2.RecognizeRequest(config=config, audio=asr_pb2.RecognitionAudio(content=content))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Recognize(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in info.value.details()
+    assert stub.Recognize(wav_request(), timeout=10).results  # still serving
+
+
+def test_missing_audio_is_invalid(served):
+    with pytest.raises(grpc.RpcError) as info:
+        served.stub().Recognize(asr_pb2.RecognizeRequest(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_too_long_audio_is_invalid():
+    server = ServerThread(Settings(max_audio_s=5), FakeModel()).start()
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            server.stub().Recognize(wav_request(6.0), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "at most 5 s" in info.value.details()
+    finally:
+        server.stop()
+
+
+def test_queue_full_gets_resource_exhausted(served, fake):
+    fake.gate = threading.Event()
+    stub = served.stub()
+    running = stub.Recognize.future(wav_request(), timeout=30)
+    assert fake.started.wait(10)
+    # 8 windows fit in the queue (max_queue_size=8); a 9th request does not.
+    queued = [stub.Recognize.future(wav_request(), timeout=30) for _ in range(8)]
+    served.call(lambda h: _wait_depth(h, 8))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Recognize(wav_request(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "queue is full" in info.value.details()
+    fake.gate.set()
+    assert all(f.result().results for f in [running, *queued])
+
+
+async def _wait_depth(handle, depth: int) -> None:
+    import asyncio
+
+    while handle.batcher.depth < depth:  # state polling on the server's own loop, no timing
+        await asyncio.sleep(0.005)
+
+
+def test_deadline_exceeded_while_queued(served, fake):
+    fake.gate = threading.Event()
+    stub = served.stub()
+    running = stub.Recognize.future(wav_request(), timeout=30)
+    assert fake.started.wait(10)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Recognize(wav_request(), timeout=0.3)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    fake.gate.set()
+    running.result()
+    assert len(fake.batches) == 1  # the expired request never reached the model
+
+
+def test_model_failure_is_internal_without_traceback_and_server_recovers(served, fake):
+    fake.fail_with = RuntimeError("secret internals")
+    stub = served.stub()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Recognize(wav_request(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert "secret internals" not in info.value.details()
+    assert "Traceback" not in info.value.details()
+    fake.fail_with = None
+    assert stub.Recognize(wav_request(), timeout=10).results
+
+
+def test_streaming_is_unimplemented_with_a_message(served):
+    responses = served.stub().StreamingRecognize(iter([asr_pb2.StreamingRecognizeRequest()]))
+    with pytest.raises(grpc.RpcError) as info:
+        list(responses)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "Recognize" in info.value.details()
+
+
+def test_server_info(served):
+    info = served.stub().GetServerInfo(asr_pb2.GetServerInfoRequest(), timeout=10)
+    assert info.model_id == "fake"
+    assert info.max_batch_size == 4 and info.max_queue_size == 8 and info.max_wait_ms == 50
+    assert info.server_version and info.torch_version and info.transformers_version
+
+
+def test_health_serving_for_overall_and_speech(served):
+    stub = health_pb2_grpc.HealthStub(served.channel())
+    for service in ("", "asr.v1.Speech"):
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_services(served):
+    stub = reflection_pb2_grpc.ServerReflectionStub(served.channel())
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    reply = next(stub.ServerReflectionInfo(iter([request]), timeout=5))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"asr.v1.Speech", "grpc.health.v1.Health"} <= names
+
+
+def test_requests_are_counted_by_status(served):
+    stub = served.stub()
+    stub.Recognize(wav_request(), timeout=10)
+    with pytest.raises(grpc.RpcError):
+        stub.Recognize(asr_pb2.RecognizeRequest(), timeout=10)
+    registry = served.handle.metrics.registry
+    ok = registry.get_sample_value("asr_requests_total", {"method": "Recognize", "code": "OK"})
+    bad = registry.get_sample_value(
+        "asr_requests_total", {"method": "Recognize", "code": "INVALID_ARGUMENT"}
+    )
+    assert ok == 1 and bad == 1
+    assert registry.get_sample_value("asr_audio_seconds_total") == pytest.approx(1.0)
+
+
+def test_many_parallel_clients_get_their_own_results(served):
+    stub = served.stub()
+    durations = [0.5 + i * 0.25 for i in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(lambda s: stub.Recognize(wav_request(s), timeout=30), durations))
+    got = [r.results[0].alternatives[0].transcript.split()[0] for r in responses]
+    assert got == [f"n={int(s * 16_000)}" for s in durations]
