@@ -16,6 +16,7 @@ import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -125,10 +126,10 @@ async def run(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loading = loop.run_in_executor(handle.worker, load_model, settings)
-    done, _ = await asyncio.wait(
-        [loading, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED
-    )
+    loading: asyncio.Future[SpeechModel] = loop.run_in_executor(handle.worker, load_model, settings)
+    stopping: asyncio.Future[bool] = asyncio.ensure_future(stop.wait())
+    waiting: list[asyncio.Future[Any]] = [loading, stopping]
+    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     if loading not in done:
         log.info("stopped while loading the model")
         await handle.drain_and_stop(0)

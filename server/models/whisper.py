@@ -75,12 +75,10 @@ class WhisperModel(SpeechModel):
         self.dtype = resolve_dtype(dtype, self.device)
         self.max_new_tokens = max_new_tokens
         self.processor = WhisperProcessor.from_pretrained(checkpoint)
-        self.model = WhisperForConditionalGeneration.from_pretrained(
-            checkpoint,
-            dtype=self.dtype,
-            attn_implementation="sdpa",
-        ).to(self.device)
-        self.model.eval()
+        model = WhisperForConditionalGeneration.from_pretrained(
+            checkpoint, dtype=self.dtype, attn_implementation="sdpa"
+        )
+        self.model: Any = model.to(self.device).eval()  # type: ignore[arg-type]
         self.tokenizer = self.processor.tokenizer
         gen = self.model.generation_config
         lang_to_id: dict[str, int] = dict(getattr(gen, "lang_to_id", None) or {})
@@ -159,9 +157,11 @@ class WhisperModel(SpeechModel):
         ]
 
     def _no_speech_probs(self, encoded: BaseModelOutput) -> list[float]:
+        hidden = encoded.last_hidden_state
+        assert hidden is not None
+        batch = hidden.shape[0]
         if self._no_speech is None:
-            return [0.0] * encoded.last_hidden_state.shape[0]
-        batch = encoded.last_hidden_state.shape[0]
+            return [0.0] * batch
         sot = torch.full((batch, 1), self._sot, device=self.device, dtype=torch.long)
         logits = self.model(encoder_outputs=encoded, decoder_input_ids=sot).logits[:, 0]
         return torch.softmax(logits.float(), dim=-1)[:, self._no_speech].tolist()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -14,7 +15,10 @@ from server.evaluation import word_error_rate
 from tests.conftest import JFK_FLAC, JFK_WAV, librispeech_items, require_data
 
 Config = asr_pb2.RecognitionConfig
-JFK_TEXT = "and so my fellow americans ask not what your country can do for you ask what you can do for your country"
+JFK_TEXT = (
+    "and so my fellow americans ask not what your country can do for you "
+    "ask what you can do for your country"
+)
 
 # Measured here with tiny.en (greedy, fp32): about 4% on test-clean, 14% on test-other.
 WER_BOUND = {"test-clean": 0.08, "test-other": 0.18}
@@ -77,7 +81,7 @@ def test_long_audio_is_windowed_and_stitched_in_order(real_server):
     items = sorted(librispeech_items("test-other"), key=lambda i: -sf.info(i[1]).duration)[:4]
     audio = np.concatenate([sf.read(path, dtype="float32")[0] for _, path, _ in items])
     assert len(audio) > 16_000 * 45
-    buf = __import__("io").BytesIO()
+    buf = io.BytesIO()
     sf.write(buf, audio, 16_000, format="FLAC")
     response = real_server.stub().Recognize(request(buf.getvalue()), timeout=300)
     assert response.timing.windows >= 2
@@ -93,7 +97,8 @@ def test_word_time_offsets_are_monotonic_and_inside_the_audio(real_server):
         request(JFK_WAV.read_bytes(), enable_word_time_offsets=True), timeout=120
     )
     words = response.results[0].alternatives[0].words
-    assert [w.word.strip(",.").lower() for w in words][:5] == ["and", "so", "my", "fellow", "americans"]
+    first = [w.word.strip(",.").lower() for w in words][:5]
+    assert first == ["and", "so", "my", "fellow", "americans"]
     starts = [w.start_time.ToMilliseconds() for w in words]
     ends = [w.end_time.ToMilliseconds() for w in words]
     assert starts == sorted(starts)

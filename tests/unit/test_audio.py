@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -114,5 +116,5 @@ def test_long_audio_is_cut_at_quiet_points_into_windows_of_at_most_30s():
     assert all(w.duration_s <= 30.0 for w in windows)
     assert quiet <= windows[1].start_s * 16_000 <= quiet + 3_200
     assert np.array_equal(np.concatenate([w.samples for w in windows]), audio)  # nothing lost
-    for prev, nxt in zip(windows, windows[1:], strict=False):
+    for prev, nxt in itertools.pairwise(windows):
         assert nxt.start_s == pytest.approx(prev.start_s + prev.duration_s)

@@ -3,6 +3,7 @@ conversion, status codes, batching of concurrent calls, health, reflection, info
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,7 +50,9 @@ def test_recognize_returns_text_and_timing(served):
     assert response.timing.batch_size == 1
     assert response.timing.windows == 1
     assert response.timing.audio_duration.ToMilliseconds() == 2000
-    assert response.timing.total_time.ToNanoseconds() >= response.timing.inference_time.ToNanoseconds()
+    assert (
+        response.timing.total_time.ToNanoseconds() >= response.timing.inference_time.ToNanoseconds()
+    )
 
 
 def test_long_audio_is_split_into_windows_that_share_one_batch(served, fake):
@@ -91,9 +94,13 @@ def test_concurrent_requests_share_batches(served, fake):
         (Config(temperature=3.0), b"\x00\x00", "temperature"),
     ],
 )
-def test_bad_input_gets_invalid_argument_and_the_server_keeps_serving(served, config, content, message):
+def test_bad_input_gets_invalid_argument_and_the_server_keeps_serving(
+    served, config, content, message
+):
     stub = served.stub()
-    request = asr_pb2.RecognizeRequest(config=config, audio=asr_pb2.RecognitionAudio(content=content))
+    request = asr_pb2.RecognizeRequest(
+        config=config, audio=asr_pb2.RecognitionAudio(content=content)
+    )
     with pytest.raises(grpc.RpcError) as info:
         stub.Recognize(request, timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -135,9 +142,8 @@ def test_queue_full_gets_resource_exhausted(served, fake):
 
 
 async def _wait_depth(handle, depth: int) -> None:
-    import asyncio
-
-    while handle.batcher.depth < depth:  # state polling on the server's own loop, no timing
+    # Polls the server's own state on its loop (no fixed sleep decides the outcome).
+    while handle.batcher.depth < depth:  # noqa: ASYNC110
         await asyncio.sleep(0.005)
 
 
