@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from server.config import Settings
-from tests.server_thread import ServerThread
+from server.embedded import EmbeddedServer as ServerThread
 
 
 @pytest.fixture(scope="session")

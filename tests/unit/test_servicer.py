@@ -15,9 +15,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from asr.v1 import asr_pb2
 from server.config import Settings
+from server.embedded import EmbeddedServer as ServerThread
 from server.models.fake import FakeModel, describe
 from tests.conftest import tone, wav_bytes
-from tests.server_thread import ServerThread
 
 Config = asr_pb2.RecognitionConfig
 

@@ -1,0 +1,205 @@
+"""Benchmark: the gRPC server against in-process `model.generate`, same weights, same audio,
+one run, so the ratios are measured side by side on the same (possibly noisy) machine.
+
+    python -m server.bench --dataset DIR [--model tiny.en] [--concurrency 1,4,8]
+
+For each level it prints throughput (files/s, audio seconds per second) and p50/p99 latency:
+first the in-process references (plain transformers `generate` on batches of 1 and 8, with
+feature extraction included), then the server through gRPC on loopback at each concurrency
+(N client threads, each sending the next file when the last returns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from asr.v1 import asr_pb2
+from server.config import Settings
+from server.embedded import EmbeddedServer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Clip:
+    name: str
+    content: bytes  # the file as sent over gRPC
+    samples: np.ndarray  # 16 kHz mono, for the in-process reference
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / 16_000
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    files: int
+    wall_s: float
+    audio_s: float
+    latencies_s: list[float]
+
+    def cells(self) -> list[str]:
+        lat = sorted(self.latencies_s)
+        return [
+            self.name,
+            str(self.files),
+            f"{self.files / self.wall_s:.2f}",
+            f"{self.audio_s / self.wall_s:.1f}",
+            f"{_percentile(lat, 50) * 1000:.0f}",
+            f"{_percentile(lat, 99) * 1000:.0f}",
+        ]
+
+
+def _percentile(sorted_values: Sequence[float], pct: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return float(np.percentile(np.asarray(sorted_values), pct))
+
+
+def load_clips(dataset: Path, min_s: float, max_s: float, limit: int) -> list[Clip]:
+    clips = []
+    for path in sorted(dataset.rglob("*.flac")) + sorted(dataset.rglob("*.wav")):
+        info = sf.info(path)
+        if min_s <= info.duration <= max_s:
+            samples, rate = sf.read(path, dtype="float32")
+            if rate != 16_000 or samples.ndim != 1:
+                continue  # the reference path takes 16 kHz mono only; LibriSpeech is
+            clips.append(Clip(path.stem, path.read_bytes(), samples))
+        if len(clips) >= limit:
+            break
+    if not clips:
+        raise SystemExit(f"no 16 kHz mono clips of {min_s}-{max_s} s under {dataset}")
+    return clips
+
+
+def bench_in_process(model: object, clips: list[Clip], batch: int, rounds: int) -> Row:
+    """Plain transformers generate on batches of `batch`, feature extraction included."""
+    import torch
+
+    hf_model = model.model  # type: ignore[attr-defined]
+    extractor = model.processor.feature_extractor  # type: ignore[attr-defined]
+    work = clips * rounds
+    latencies = []
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(work), batch):
+            chunk = work[i : i + batch]
+            t0 = time.perf_counter()
+            features = extractor(
+                [c.samples for c in chunk], sampling_rate=16_000, return_tensors="pt"
+            ).input_features.to(hf_model.device, hf_model.dtype)
+            hf_model.generate(features)
+            latencies += [time.perf_counter() - t0] * len(chunk)
+    wall = time.perf_counter() - started
+    return Row(f"in-process generate, batch {batch}", len(work), wall, _audio(work), latencies)
+
+
+def bench_grpc(server: EmbeddedServer, clips: list[Clip], concurrency: int, rounds: int) -> Row:
+    stub = server.stub()
+    work = clips * rounds
+    latencies: list[float] = []
+    lock = threading.Lock()
+    cursor = iter(range(len(work)))
+
+    def client() -> None:
+        while True:
+            with lock:
+                i = next(cursor, None)
+            if i is None:
+                return
+            request = asr_pb2.RecognizeRequest(
+                audio=asr_pb2.RecognitionAudio(content=work[i].content)
+            )
+            t0 = time.perf_counter()
+            stub.Recognize(request, timeout=600)
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for f in [pool.submit(client) for _ in range(concurrency)]:
+            f.result()
+    wall = time.perf_counter() - started
+    return Row(f"gRPC server, concurrency {concurrency}", len(work), wall, _audio(work), latencies)
+
+
+def _audio(clips: list[Clip]) -> float:
+    return sum(c.duration_s for c in clips)
+
+
+def print_table(rows: list[Row], out: Callable[[str], None] = print) -> None:
+    header = ["", "files", "files/s", "audio s/s", "p50 ms", "p99 ms"]
+    out("| " + " | ".join(header) + " |")
+    out("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+    for row in rows:
+        out("| " + " | ".join(row.cells()) + " |")
+
+
+def _ratio(a: Row, b: Row) -> float:
+    return (a.files / a.wall_s) / (b.files / b.wall_s)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__)
+    parser.add_argument("--dataset", type=Path, required=True, help="folder of FLAC/WAV files")
+    parser.add_argument("--model", default="tiny.en")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--concurrency", default="1,4,8")
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--min-s", type=float, default=8.0, help="shortest clip used, s")
+    parser.add_argument("--max-s", type=float, default=10.0, help="longest clip used, s")
+    parser.add_argument("--files", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=1, help="passes over the files per level")
+    parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    from server.models.loader import load_model
+
+    settings = Settings(
+        model=args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
+        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+        max_queue_size=max(256, args.max_batch_size), metrics_port=-1,
+    )  # fmt: skip
+    clips = load_clips(args.dataset, args.min_s, args.max_s, args.files)
+    print(
+        f"{len(clips)} clips, {_audio(clips):.0f} s of audio, {args.rounds} round(s); "
+        f"model {args.model}, max batch {args.max_batch_size}, max wait {args.max_wait_ms} ms",
+        file=sys.stderr,
+    )
+    model = load_model(settings)
+    rows = [bench_in_process(model, clips, b, args.rounds) for b in (1, args.max_batch_size)]
+    server = EmbeddedServer(settings, model).start()
+    try:
+        rows += [bench_grpc(server, clips, c, args.rounds) for c in levels]
+    finally:
+        server.stop()
+    print_table(rows)
+    by_name = {r.name: r for r in rows}
+    top = by_name.get(f"gRPC server, concurrency {max(levels)}")
+    one = by_name.get("gRPC server, concurrency 1")
+    if top is not None:
+        print(f"\nserver c{max(levels)} / in-process batch {args.max_batch_size}: "
+              f"{_ratio(top, rows[1]):.2f}")  # fmt: skip
+        if one is not None:
+            print(f"server c{max(levels)} / server c1: {_ratio(top, one):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
