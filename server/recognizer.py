@@ -3,6 +3,11 @@
 Decoding, resampling and feature extraction run in worker threads (`asyncio.to_thread`), never
 on the event loop; the windows of one request are queued together, so long audio uses the
 batch's parallelism, and the results are stitched back in order with their times.
+
+No speech, no text: Whisper answers "you" to silence and noise. Two gates stop that, for
+unary requests and streams alike: a window whose loudest 20 ms frame is below `silence_dbfs`
+is not decoded at all (no model time), and a decoded window whose no-speech probability (the
+<|nospeech|> token at the start of the transcript) is above `no_speech_threshold` gives no text.
 """
 
 from __future__ import annotations
@@ -13,9 +18,31 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.audio import AudioFormat, Window, decode, split_windows
-from server.batcher import MicroBatcher
+from server.audio import SAMPLE_RATE, AudioFormat, Window, decode, split_windows
+from server.batcher import Batched, MicroBatcher
 from server.models.base import DecodeOptions, SpeechModel, WindowResult, WindowTask, Word
+
+
+@dataclass(frozen=True)
+class SpeechGate:
+    """When to call a window speech. Both gates off: no_speech_threshold=1, silence_dbfs=-200."""
+
+    no_speech_threshold: float = 0.6
+    silence_dbfs: float = -60.0
+
+    def is_silent(self, samples: np.ndarray) -> bool:
+        return loudest_frame_dbfs(samples) < self.silence_dbfs
+
+
+def loudest_frame_dbfs(samples: np.ndarray, frame: int = 320) -> float:
+    """Level of the loudest 20 ms frame, in dB relative to full scale."""
+    n = len(samples) // frame
+    if n == 0:
+        rms = float(np.sqrt(np.mean(np.square(samples)))) if len(samples) else 0.0
+    else:
+        frames = samples[: n * frame].reshape(n, frame)
+        rms = float(np.sqrt(np.square(frames).mean(axis=1)).max())
+    return 20 * float(np.log10(rms + 1e-10))
 
 
 @dataclass(frozen=True)
@@ -43,8 +70,12 @@ class Timing:
 
 @dataclass(frozen=True)
 class Recognition:
-    segments: list[Segment]
+    segments: list[Segment]  # only segments with text, in order
     timing: Timing
+
+    @property
+    def text(self) -> str:
+        return " ".join(s.text for s in self.segments)
 
 
 class Recognizer:
@@ -53,10 +84,12 @@ class Recognizer:
         model: SpeechModel,
         batcher: MicroBatcher[WindowTask, WindowResult],
         max_audio_s: float,
+        gate: SpeechGate | None = None,
     ) -> None:
         self.model = model
         self.batcher = batcher
         self.max_audio_s = max_audio_s
+        self.gate = gate or SpeechGate()
 
     async def recognize(
         self,
@@ -76,19 +109,28 @@ class Recognizer:
         options: DecodeOptions,
         deadline: float | None = None,
         started: float | None = None,
+        offset_s: float = 0.0,
     ) -> Recognition:
-        """Recognize 16 kHz mono samples already decoded (streams come in this way)."""
+        """Recognize 16 kHz mono samples already decoded (streams come in this way); times
+        in the result are shifted by `offset_s`."""
         started = time.monotonic() if started is None else started
         windows = split_windows(samples)
-        tasks = await asyncio.to_thread(self._tasks, windows, options)
-        results = await self.batcher.submit_many(tasks, deadline)
-        segments = [_segment(w, r.value) for w, r in zip(windows, results, strict=True)]
+        voiced = [w for w in windows if not self.gate.is_silent(w.samples)]
+        results: list[Batched[WindowResult]] = []
+        if voiced:
+            tasks = await asyncio.to_thread(self._tasks, voiced, options)
+            results = await self.batcher.submit_many(tasks, deadline)
+        segments = [
+            _segment(w, r.value, offset_s)
+            for w, r in zip(voiced, results, strict=True)
+            if r.value.no_speech_prob <= self.gate.no_speech_threshold
+        ]
         timing = Timing(
-            queue_s=max(r.queue_s for r in results),
+            queue_s=max((r.queue_s for r in results), default=0.0),
             infer_s=sum({r.batch_id: r.infer_s for r in results}.values()),
             total_s=time.monotonic() - started,
-            batch_size=max(r.batch_size for r in results),
-            audio_s=len(samples) / 16_000,
+            batch_size=max((r.batch_size for r in results), default=0),
+            audio_s=len(samples) / SAMPLE_RATE,
             windows=len(windows),
         )
         return Recognition([s for s in segments if s.text], timing)
@@ -97,16 +139,15 @@ class Recognizer:
         return [WindowTask(self.model.prepare(w.samples), w.duration_s, options) for w in windows]
 
 
-def _segment(window: Window, result: WindowResult) -> Segment:
-    end_s = window.start_s + window.duration_s
+def _segment(window: Window, result: WindowResult, offset_s: float) -> Segment:
+    start_s = offset_s + window.start_s
     words = tuple(
-        Word(w.word, w.start_s + window.start_s, w.end_s + window.start_s, w.probability)
-        for w in result.words
+        Word(w.word, w.start_s + start_s, w.end_s + start_s, w.probability) for w in result.words
     )
     return Segment(
         result.text.strip(),
-        window.start_s,
-        end_s,
+        start_s,
+        start_s + window.duration_s,
         result.language,
         result.confidence,
         result.no_speech_prob,

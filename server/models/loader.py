@@ -23,6 +23,7 @@ def load_model(settings: Settings) -> SpeechModel:
     torch.set_num_threads(settings.num_threads or os.cpu_count() or 1)
     # generate() warns on every call about settings we choose on purpose; keep logs readable.
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     resolved = resolve_model(settings.model, settings.cache_dir)
     model = WhisperModel(
         resolved.name_or_path,
