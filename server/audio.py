@@ -143,14 +143,14 @@ def split_windows(
     windows: list[Window] = []
     start = 0
     while len(samples) - start > window:
-        cut = _quietest_cut(samples, start + window - int(search_s * SAMPLE_RATE), start + window)
+        cut = quietest_cut(samples, start + window - int(search_s * SAMPLE_RATE), start + window)
         windows.append(Window(len(windows), start / SAMPLE_RATE, samples[start:cut]))
         start = cut
     windows.append(Window(len(windows), start / SAMPLE_RATE, samples[start:]))
     return windows
 
 
-def _quietest_cut(samples: np.ndarray, lo: int, hi: int, frame: int = 320) -> int:
+def quietest_cut(samples: np.ndarray, lo: int, hi: int, frame: int = 320) -> int:
     region = samples[lo:hi]
     n_frames = len(region) // frame
     if n_frames == 0:

@@ -41,6 +41,14 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     "warmup": (lambda v: _parse_bool(v), "warm the model up before SERVING (true/false)"),
     "max-new-tokens": (int, "decoder token limit per 30 s window"),
     "max-beam-size": (int, "largest beam a client may ask for"),
+    "no-speech-threshold": (float, "no-speech probability above which a window gives no text"),
+    "silence-dbfs": (float, "windows quieter than this are not decoded, dBFS"),
+    "max-streams": (int, "concurrent streams; beyond: RESOURCE_EXHAUSTED"),
+    "max-stream-s": (float, "longest audio per stream, seconds"),
+    "stream-buffer-s": (float, "audio a stream may send ahead of recognition, seconds"),
+    "stream-idle-timeout-s": (float, "a stream silent on the wire this long ends, seconds"),
+    "endpoint-silence-ms": (int, "default silence after speech that ends an utterance, ms"),
+    "interim-interval-ms": (int, "default new audio between interim re-decodes, ms"),
 }
 
 

@@ -61,6 +61,23 @@ class Settings:
     """Decoder token limit per 30 s window, 1..440 (Whisper's context is 448 with the prompt)."""
     max_beam_size: int = 5
     """Largest beam a client may ask for, 1..16."""
+    no_speech_threshold: float = 0.6
+    """A window whose no-speech probability is above this gives no text, 0..1 (1: off)."""
+    silence_dbfs: float = -60.0
+    """A window whose loudest 20 ms frame is below this level is not decoded, -200..0 dBFS."""
+    max_streams: int = 64
+    """Concurrent StreamingRecognize calls; beyond it RESOURCE_EXHAUSTED, 1..10000."""
+    max_stream_s: float = 3600.0
+    """Longest audio one stream may send, seconds, 1..86400."""
+    stream_buffer_s: float = 30.0
+    """Audio a stream may send ahead of recognition before the server stops reading (flow
+    control slows the client down), seconds, 1..600."""
+    stream_idle_timeout_s: float = 30.0
+    """A stream that sends no audio for this long ends with DEADLINE_EXCEEDED, 1..3600 s."""
+    endpoint_silence_ms: int = 700
+    """Default silence after speech that ends an utterance (a final), 100..10000 ms."""
+    interim_interval_ms: int = 1000
+    """Default new audio between interim re-decodes, 200..10000 ms."""
 
     def __post_init__(self) -> None:
         _check_range("port", self.port, 0, 65535)
@@ -74,6 +91,14 @@ class Settings:
         _check_range("grace_s", self.grace_s, 0, 3600)
         _check_range("max_new_tokens", self.max_new_tokens, 1, 440)
         _check_range("max_beam_size", self.max_beam_size, 1, 16)
+        _check_range("no_speech_threshold", self.no_speech_threshold, 0, 1)
+        _check_range("silence_dbfs", self.silence_dbfs, -200, 0)
+        _check_range("max_streams", self.max_streams, 1, 10_000)
+        _check_range("max_stream_s", self.max_stream_s, 1, 86_400)
+        _check_range("stream_buffer_s", self.stream_buffer_s, 1, 600)
+        _check_range("stream_idle_timeout_s", self.stream_idle_timeout_s, 1, 3600)
+        _check_range("endpoint_silence_ms", self.endpoint_silence_ms, 100, 10_000)
+        _check_range("interim_interval_ms", self.interim_interval_ms, 200, 10_000)
         if self.max_queue_size < self.max_batch_size:
             raise SettingsError(
                 f"max_queue_size ({self.max_queue_size}) must be at least max_batch_size "

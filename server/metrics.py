@@ -55,6 +55,23 @@ class Metrics:
             "asr_batch_failures", "Model calls that raised; all their requests failed.", registry=r
         )
 
+        self.active_streams = Gauge(
+            "asr_active_streams", "StreamingRecognize calls in progress.", registry=r
+        )
+        self.stream_final_seconds = Histogram(
+            "asr_stream_final_seconds",
+            "Finalization latency: end of an utterance's audio on the wire to its final result.",
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.stream_first_interim_seconds = Histogram(
+            "asr_stream_first_interim_seconds",
+            "Time from a stream's first audio to its first interim result.",
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.stream_audio_seconds = Counter(
+            "asr_stream_audio_seconds", "Seconds of audio received on streams.", registry=r
+        )
+
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_size.observe(stats.size)
         self.inference_seconds.observe(stats.infer_s)

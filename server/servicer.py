@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 
 import grpc
@@ -19,10 +19,11 @@ import server
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from server.audio import AudioFormat, Encoding
 from server.config import Settings
-from server.errors import InvalidArgumentError, UnavailableError, UnimplementedError
+from server.errors import InvalidArgumentError, UnavailableError
 from server.metrics import Metrics
 from server.models.base import DecodeOptions
 from server.recognizer import Recognition, Recognizer, Segment, Timing
+from server.streaming import StreamEvent, StreamLimits, StreamSettings, StreamSlots, run_stream
 
 Config = asr_pb2.RecognitionConfig
 
@@ -45,6 +46,10 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
     settings: Settings
     metrics: Metrics
     recognizer: Recognizer | None = None  # None until the model is loaded and warmed up
+    streams: StreamSlots = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.streams = StreamSlots(self.settings.max_streams)
 
     def _ready(self) -> Recognizer:
         if self.recognizer is None:
@@ -67,10 +72,61 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
         request_iterator: AsyncIterator[asr_pb2.StreamingRecognizeRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
-        raise UnimplementedError(
-            "StreamingRecognize is not implemented by this server version; use Recognize"
+        recognizer = self._ready()
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            return  # the client closed without sending anything: nothing to recognize
+        if first.WhichOneof("streaming_request") != "streaming_config":
+            raise InvalidArgumentError(
+                "the first message must carry streaming_config; audio_content comes after it"
+            )
+        cfg = self._stream_settings(first.streaming_config, recognizer)
+        s = self.settings
+        limits = StreamLimits(s.max_stream_s, s.stream_buffer_s, s.stream_idle_timeout_s)
+        with self.streams.slot():
+            self.metrics.active_streams.inc()
+            try:
+                bytes_per_s = 2 * cfg.channels * cfg.sample_rate_hz
+                events = run_stream(
+                    _audio_chunks(request_iterator, self.metrics, bytes_per_s),
+                    cfg,
+                    recognizer,
+                    limits,
+                    on_final=self.metrics.stream_final_seconds.observe,
+                )
+                started, interim_seen = time.monotonic(), False
+                async for event in events:
+                    if event.result and not event.result.is_final and not interim_seen:
+                        interim_seen = True
+                        self.metrics.stream_first_interim_seconds.observe(
+                            time.monotonic() - started
+                        )
+                    yield _stream_response(event)
+            finally:
+                self.metrics.active_streams.dec()
+
+    def _stream_settings(
+        self, streaming: asr_pb2.StreamingRecognitionConfig, recognizer: Recognizer
+    ) -> StreamSettings:
+        if not streaming.HasField("config"):
+            raise InvalidArgumentError("streaming_config.config is required (it is empty)")
+        config = streaming.config
+        if config.encoding not in (Config.ENCODING_UNSPECIFIED, Config.LINEAR16):
+            raise InvalidArgumentError("streams carry raw LINEAR16 audio; set encoding LINEAR16")
+        fmt, options = self._convert_config(config, recognizer)
+        if streaming.endpoint_silence_ms < 0 or streaming.interim_interval_ms < 0:
+            raise InvalidArgumentError("endpoint_silence_ms and interim_interval_ms must be >= 0")
+        endpoint_ms = streaming.endpoint_silence_ms or self.settings.endpoint_silence_ms
+        interim_ms = streaming.interim_interval_ms or self.settings.interim_interval_ms
+        return StreamSettings(
+            sample_rate_hz=fmt.sample_rate_hz,
+            channels=fmt.channels or 1,
+            interim_results=streaming.interim_results,
+            single_utterance=streaming.single_utterance,
+            endpoint_silence_s=max(endpoint_ms, 100) / 1000,
+            interim_interval_s=max(interim_ms, 200) / 1000,
+            options=options,
         )
-        yield asr_pb2.StreamingRecognizeResponse()  # pragma: no cover - makes this a generator
 
     async def GetServerInfo(
         self, request: asr_pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
@@ -191,3 +247,52 @@ def _response(result: Recognition) -> asr_pb2.RecognizeResponse:
         total_billed_time=_duration(result.timing.audio_s),
         timing=_timing(result.timing),
     )
+
+
+async def _audio_chunks(
+    request_iterator: AsyncIterator[asr_pb2.StreamingRecognizeRequest],
+    metrics: Metrics,
+    bytes_per_s: int,
+) -> AsyncIterator[bytes]:
+    """The audio of a stream after its first message; protocol errors end the stream."""
+    async for request in request_iterator:
+        kind = request.WhichOneof("streaming_request")
+        if kind == "streaming_config":
+            raise InvalidArgumentError("streaming_config may only be sent once, first")
+        if kind is None:
+            raise InvalidArgumentError("a stream message carries neither config nor audio")
+        metrics.stream_audio_seconds.inc(len(request.audio_content) / bytes_per_s)
+        yield request.audio_content
+
+
+def _alternative(
+    text: str, recognition: Recognition | None
+) -> asr_pb2.SpeechRecognitionAlternative:
+    if recognition is None:
+        return asr_pb2.SpeechRecognitionAlternative(transcript=text)
+    words = [w for segment in recognition.segments for w in _result(segment).alternatives[0].words]
+    confidences = [s.confidence for s in recognition.segments]
+    return asr_pb2.SpeechRecognitionAlternative(
+        transcript=text, confidence=sum(confidences) / len(confidences), words=words
+    )
+
+
+def _stream_response(event: StreamEvent) -> asr_pb2.StreamingRecognizeResponse:
+    response = asr_pb2.StreamingRecognizeResponse()
+    if event.end_of_single_utterance:
+        response.speech_event_type = asr_pb2.StreamingRecognizeResponse.END_OF_SINGLE_UTTERANCE
+    if event.timing is not None:
+        response.timing.CopyFrom(_timing(event.timing))
+    if event.result is not None:
+        r = event.result
+        response.results.append(
+            asr_pb2.StreamingRecognitionResult(
+                alternatives=[_alternative(r.text, r.recognition)],
+                is_final=r.is_final,
+                stability=r.stability,
+                result_start_time=_duration(r.start_s),
+                result_end_time=_duration(r.end_s),
+                language_code=r.language,
+            )
+        )
+    return response

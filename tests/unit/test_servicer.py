@@ -172,14 +172,6 @@ def test_model_failure_is_internal_without_traceback_and_server_recovers(served,
     assert stub.Recognize(wav_request(), timeout=10).results
 
 
-def test_streaming_is_unimplemented_with_a_message(served):
-    responses = served.stub().StreamingRecognize(iter([asr_pb2.StreamingRecognizeRequest()]))
-    with pytest.raises(grpc.RpcError) as info:
-        list(responses)
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "Recognize" in info.value.details()
-
-
 def test_server_info(served):
     info = served.stub().GetServerInfo(asr_pb2.GetServerInfoRequest(), timeout=10)
     assert info.model_id == "fake"

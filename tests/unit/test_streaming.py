@@ -1,0 +1,214 @@
+"""Streaming: the utterance state machine, the PCM decoder, and the protocol through a real
+gRPC server on loopback with the fake model (codes, limits, cancellation)."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import numpy as np
+import pytest
+
+from asr.v1 import asr_pb2
+from server.config import Settings
+from server.embedded import EmbeddedServer
+from server.models.fake import FakeModel
+from server.streaming import PcmDecoder, StreamSettings, Utterance
+from tests.conftest import tone
+
+Config = asr_pb2.RecognitionConfig
+Req = asr_pb2.StreamingRecognizeRequest
+
+
+def pcm(samples: np.ndarray) -> bytes:
+    return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+# -- the utterance state machine -------------------------------------------------------------
+def cfg(**kw) -> StreamSettings:
+    return StreamSettings(sample_rate_hz=16_000, **kw)
+
+
+def test_silence_alone_is_never_an_utterance_and_is_not_kept():
+    u = Utterance(cfg(interim_results=True))
+    u.push(np.zeros(16_000 * 5, dtype=np.float32))
+    assert u.endpoint(closing=True) is None
+    assert not u.wants_interim()
+    assert u.duration_s <= 0.5 and u.start_s == pytest.approx(4.5)
+
+
+def test_speech_then_silence_ends_an_utterance():
+    u = Utterance(cfg(endpoint_silence_s=0.5))
+    u.push(tone(300, 1.0, 16_000))
+    assert u.endpoint(closing=False) is None
+    u.push(np.zeros(int(16_000 * 0.6), dtype=np.float32))
+    cut = u.endpoint(closing=False)
+    assert cut == len(u.audio)
+    samples, start = u.take(cut)
+    assert len(samples) == 16_000 * 1.6 and start == 0.0
+    assert not u.speech_seen and u.start_s == pytest.approx(1.6)
+
+
+def test_long_speech_is_cut_before_30s_at_a_quiet_point():
+    u = Utterance(cfg())
+    speech = tone(300, 29.0, 16_000)
+    speech[16_000 * 25 : 16_000 * 25 + 1_600] = 0  # a short pause at 25 s
+    u.push(speech)
+    cut = u.endpoint(closing=False)
+    assert cut is not None and 16_000 * 25 <= cut <= 16_000 * 25 + 1_600
+    u.take(cut)
+    assert u.speech_seen  # the carried-over rest is speech, re-classified
+
+
+def test_interims_follow_the_interval():
+    u = Utterance(cfg(interim_results=True, interim_interval_s=1.0))
+    u.push(tone(300, 0.5, 16_000))
+    assert not u.wants_interim()
+    u.push(tone(300, 0.6, 16_000))
+    assert u.wants_interim()
+
+
+def test_local_agreement_commits_what_two_hypotheses_share_and_never_flickers():
+    u = Utterance(cfg())
+    assert u.agree("the cat") == ("the cat", 0.0)
+    assert u.agree("the cat sat") == ("the cat sat", pytest.approx(2 / 3))
+    # A later hypothesis rewrites a committed word: the committed prefix stays on screen.
+    text, stability = u.agree("a cat sat on")
+    assert text.startswith("the cat") and stability > 0
+    assert u.committed == ["the", "cat"]
+
+
+def test_pcm_decoder_keeps_a_frame_split_across_chunks_and_resamples():
+    d = PcmDecoder(StreamSettings(sample_rate_hz=8_000, channels=2))
+    stereo = np.repeat(tone(440, 1.0, 8_000)[:, None], 2, axis=1)
+    data = pcm(stereo)
+    out = np.concatenate([d.decode(data[:1001]), d.decode(data[1001:]), d.decode(b"", last=True)])
+    assert abs(len(out) - 16_000) < 40
+    spectrum = np.abs(np.fft.rfft(out))
+    assert abs(np.argmax(spectrum) * 16_000 / len(out) - 440) < 5
+
+
+def test_bad_stream_rate_is_invalid():
+    from server.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="sample_rate_hertz"):
+        StreamSettings(sample_rate_hz=0)
+
+
+# -- the protocol, through gRPC --------------------------------------------------------------
+@pytest.fixture
+def served():
+    model = FakeModel()
+    server = EmbeddedServer(Settings(max_streams=2, max_wait_ms=5), model).start()
+    server.model = model  # type: ignore[attr-defined]
+    yield server
+    model.gate = None
+    server.stop()
+
+
+def config_message(rate: int = 16_000, **kw) -> Req:
+    config = Config(encoding=Config.LINEAR16, sample_rate_hertz=rate)
+    return Req(streaming_config=asr_pb2.StreamingRecognitionConfig(config=config, **kw))
+
+
+def speech(seconds: float) -> list[Req]:
+    audio = pcm(tone(300, seconds, 16_000))
+    return [Req(audio_content=audio[i : i + 3200]) for i in range(0, len(audio), 3200)]
+
+
+def test_a_stream_gets_a_final_on_half_close(served):
+    responses = list(served.stub().StreamingRecognize(iter([config_message(), *speech(1.0)])))
+    finals = [r for resp in responses for r in resp.results if r.is_final]
+    assert len(finals) == 1
+    assert finals[0].alternatives[0].transcript.startswith("n=")
+    assert finals[0].result_end_time.ToMilliseconds() == 1000
+    assert responses[-1].timing.batch_size >= 1
+
+
+def test_single_utterance_ends_with_the_event(served):
+    silence = Req(audio_content=pcm(np.zeros(16_000)))
+    messages = [config_message(single_utterance=True), *speech(1.0), silence, *speech(1.0)]
+    responses = list(served.stub().StreamingRecognize(iter(messages)))
+    finals = [r for resp in responses for r in resp.results if r.is_final]
+    assert len(finals) == 1
+    assert responses[-1].speech_event_type == (
+        asr_pb2.StreamingRecognizeResponse.END_OF_SINGLE_UTTERANCE
+    )
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        ([Req(audio_content=b"\x00\x00")], "first message must carry streaming_config"),
+        ([config_message(), config_message()], "only be sent once"),
+        ([Req(streaming_config=asr_pb2.StreamingRecognitionConfig())], "config is required"),
+        ([config_message(rate=0)], "sample_rate_hertz"),
+        ([Req(streaming_config=asr_pb2.StreamingRecognitionConfig(
+            config=Config(encoding=Config.FLAC, sample_rate_hertz=16_000)))], "LINEAR16"),
+    ],
+)  # fmt: skip
+def test_protocol_errors_are_invalid_argument(served, messages, message):
+    with pytest.raises(grpc.RpcError) as info:
+        list(served.stub().StreamingRecognize(iter(messages), timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in info.value.details()
+
+
+class HeldStream:
+    """A stream whose client keeps it open until released."""
+
+    def __init__(self, stub) -> None:
+        self.release = threading.Event()
+        self.sent = threading.Event()
+
+        def messages():
+            yield config_message()
+            yield speech(0.2)[0]
+            self.sent.set()
+            self.release.wait(30)
+
+        self.call = stub.StreamingRecognize(messages(), timeout=30)
+
+
+def test_stream_limit_and_a_cancelled_stream_frees_its_slot(served):
+    stub = served.stub()
+    held = [HeldStream(stub), HeldStream(stub)]
+    for h in held:
+        assert h.sent.wait(10)
+    served.call(lambda h: _wait_streams(h, 2))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.StreamingRecognize(iter([config_message(), *speech(0.2)]), timeout=10))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "too many concurrent streams" in info.value.details()
+    held[0].call.cancel()  # the client goes away: its slot is free at once
+    served.call(lambda h: _wait_streams(h, 1))
+    responses = list(stub.StreamingRecognize(iter([config_message(), *speech(0.5)]), timeout=10))
+    assert any(r.is_final for resp in responses for r in resp.results)
+    held[1].release.set()
+    list(held[1].call)
+
+
+async def _wait_streams(handle, active: int) -> None:
+    import asyncio
+
+    # Polls the server's own state on its loop (no fixed sleep decides the outcome).
+    while handle.servicer.streams.active != active:  # noqa: ASYNC110
+        await asyncio.sleep(0.005)
+
+
+def test_idle_stream_is_closed_with_deadline_exceeded():
+    server = EmbeddedServer(Settings(stream_idle_timeout_s=1), FakeModel()).start()
+    release = threading.Event()
+
+    def messages():
+        yield config_message()
+        release.wait(30)
+
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            list(server.stub().StreamingRecognize(messages(), timeout=30))
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "no audio for 1 s" in info.value.details()
+    finally:
+        release.set()
+        server.stop()
