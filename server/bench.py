@@ -135,6 +135,78 @@ def bench_grpc(server: EmbeddedServer, clips: list[Clip], concurrency: int, roun
     return Row(f"gRPC server, concurrency {concurrency}", len(work), wall, _audio(work), latencies)
 
 
+@dataclass(frozen=True)
+class StreamRow:
+    streams: int
+    first_interim_s: list[float]  # from the first chunk sent to the first interim result
+    final_s: list[float]  # from the last chunk sent to the last final result
+    missing_interims: int
+
+    def cells(self) -> list[str]:
+        def ms(values: list[float], pct: float) -> str:
+            return f"{_percentile(sorted(values), pct) * 1000:.0f}"
+
+        return [
+            f"{self.streams} stream(s), real time",
+            ms(self.first_interim_s, 50),
+            ms(self.first_interim_s, 99),
+            ms(self.final_s, 50),
+            ms(self.final_s, 99),
+            f"{max(self.final_s) * 1000:.0f}",
+            str(self.missing_interims),
+        ]
+
+
+def _stream_once(stub: object, clip: Clip) -> tuple[float | None, float]:
+    """Stream one clip at real-time pace in 100 ms chunks; returns (first interim delay,
+    finalization delay after the last chunk)."""
+    config = asr_pb2.RecognitionConfig(
+        encoding=asr_pb2.RecognitionConfig.LINEAR16, sample_rate_hertz=16_000
+    )
+    pcm = (np.clip(clip.samples, -1, 1) * 32767).astype("<i2").tobytes()
+    marks: dict[str, float] = {}
+
+    def requests():  # type: ignore[no-untyped-def]
+        yield asr_pb2.StreamingRecognizeRequest(
+            streaming_config=asr_pb2.StreamingRecognitionConfig(config=config, interim_results=True)
+        )
+        step = 3200  # 100 ms of 16-bit samples
+        marks["start"] = time.monotonic()
+        for i in range(0, len(pcm), step):
+            time.sleep(max(0.0, marks["start"] + i / 32_000 - time.monotonic()))  # pacing
+            yield asr_pb2.StreamingRecognizeRequest(audio_content=pcm[i : i + step])
+        marks["end"] = time.monotonic()
+
+    first_interim, last_final = None, 0.0
+    for response in stub.StreamingRecognize(requests(), timeout=600):  # type: ignore[attr-defined]
+        now = time.monotonic()
+        for result in response.results:
+            if not result.is_final and first_interim is None:
+                first_interim = now - marks["start"]
+            if result.is_final:
+                last_final = now
+    return first_interim, max(0.0, last_final - marks["end"])
+
+
+def bench_streams(server: EmbeddedServer, clips: list[Clip], streams: int) -> StreamRow:
+    stub = server.stub()
+    with ThreadPoolExecutor(streams) as pool:
+        outcomes = list(
+            pool.map(lambda i: _stream_once(stub, clips[i % len(clips)]), range(streams))
+        )
+    interims = [o[0] for o in outcomes if o[0] is not None]
+    return StreamRow(streams, interims, [o[1] for o in outcomes], streams - len(interims))
+
+
+def print_stream_table(rows: list[StreamRow], out: Callable[[str], None] = print) -> None:
+    header = ["", "first interim p50 ms", "p99 ms", "final after last chunk p50 ms",
+              "p99 ms", "max ms", "streams without interim"]  # fmt: skip
+    out("| " + " | ".join(header) + " |")
+    out("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+    for row in rows:
+        out("| " + " | ".join(row.cells()) + " |")
+
+
 def _audio(clips: list[Clip]) -> float:
     return sum(c.duration_s for c in clips)
 
@@ -157,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="tiny.en")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--concurrency", default="1,4,8")
+    parser.add_argument("--concurrency", default="1,4,8", help="unary levels ('' for none)")
+    parser.add_argument("--streams", default="1,4,8", help="real-time stream levels ('' for none)")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--min-s", type=float, default=8.0, help="shortest clip used, s")
@@ -167,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=Settings().cache_dir)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    levels = [int(c) for c in args.concurrency.split(",")]
+    levels = [int(c) for c in args.concurrency.split(",") if c]
+    stream_levels = [int(c) for c in args.streams.split(",") if c]
 
     from server.models.loader import load_model
 
@@ -187,11 +261,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = EmbeddedServer(settings, model).start()
     try:
         rows += [bench_grpc(server, clips, c, args.rounds) for c in levels]
+        stream_rows = [bench_streams(server, clips, n) for n in stream_levels]
     finally:
         server.stop()
     print_table(rows)
+    if stream_rows:
+        print()
+        print_stream_table(stream_rows)
     by_name = {r.name: r for r in rows}
-    top = by_name.get(f"gRPC server, concurrency {max(levels)}")
+    top = by_name.get(f"gRPC server, concurrency {max(levels, default=0)}")
     one = by_name.get("gRPC server, concurrency 1")
     if top is not None:
         print(f"\nserver c{max(levels)} / in-process batch {args.max_batch_size}: "
