@@ -28,7 +28,7 @@ from server.config import Settings
 from server.interceptors import ErrorInterceptor
 from server.metrics import Metrics
 from server.models.base import SpeechModel, WindowResult, WindowTask
-from server.recognizer import Recognizer
+from server.recognizer import Recognizer, SpeechGate
 from server.servicer import SpeechServicer
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,8 @@ class ServerHandle:
         self.batcher.start()
         batcher = self.batcher
         self.metrics.queue_depth.set_function(lambda: batcher.depth)
-        self.servicer.recognizer = Recognizer(model, self.batcher, s.max_audio_s)
+        gate = SpeechGate(s.no_speech_threshold, s.silence_dbfs)
+        self.servicer.recognizer = Recognizer(model, self.batcher, s.max_audio_s, gate)
         await self.set_health(SERVING)
 
     async def drain_and_stop(self, grace_s: float) -> bool:

@@ -223,3 +223,18 @@ def test_many_parallel_clients_get_their_own_results():
         server.stop()
     got = [r.results[0].alternatives[0].transcript.split()[0] for r in responses]
     assert got == [f"n={int(s * 16_000)}" for s in durations]
+
+
+def test_speech_gates_come_from_settings():
+    server = ServerThread(Settings(no_speech_threshold=0.25, silence_dbfs=-30), FakeModel()).start()
+    try:
+        gate = server.handle.servicer.recognizer.gate
+        assert (gate.no_speech_threshold, gate.silence_dbfs) == (0.25, -30)
+        quiet = wav_bytes(tone(440, 1.0, 16_000) * 0.001, 16_000)  # about -63 dBFS
+        response = server.stub().Recognize(
+            asr_pb2.RecognizeRequest(audio=asr_pb2.RecognitionAudio(content=quiet)), timeout=10
+        )
+        assert not response.results  # below the gate: not decoded, no text
+        assert response.timing.windows == 1 and response.timing.batch_size == 0
+    finally:
+        server.stop()
