@@ -4,6 +4,8 @@
   items or `max_wait_ms` has passed since its oldest item arrived (monotonic clock).
 - The queue is bounded: `submit_many` raises QueueFullError when the items don't fit, all or
   nothing, so a request is never half-queued.
+- Background items (streams' interim re-decodes) wait behind everything else: a batch takes
+  urgent items first, so interims never delay a final or a unary request.
 - Items whose caller went away (future cancelled) or whose deadline passed are dropped before
   the batch runs, so they cost no model time.
 - The batch function maps a list to a list of the same length, checked; an exception or a
@@ -84,6 +86,7 @@ class MicroBatcher(Generic[In, Out]):
 
     def __post_init__(self) -> None:
         self._queue: collections.deque[_Pending[In, Out]] = collections.deque()
+        self._background: collections.deque[_Pending[In, Out]] = collections.deque()
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._accepting = True
@@ -96,21 +99,21 @@ class MicroBatcher(Generic[In, Out]):
     @property
     def depth(self) -> int:
         """Items waiting for a batch (not counting the batch now running)."""
-        return len(self._queue)
+        return len(self._queue) + len(self._background)
 
     @property
     def in_flight(self) -> int:
-        return len(self._queue) + self._running
+        return self.depth + self._running
 
     async def submit(self, item: In, deadline: float | None = None) -> Batched[Out]:
         return (await self.submit_many([item], deadline))[0]
 
     async def submit_many(
-        self, items: list[In], deadline: float | None = None
+        self, items: list[In], deadline: float | None = None, background: bool = False
     ) -> list[Batched[Out]]:
         """Queue all items or none; wait for all their results. Cancelling the caller cancels
         its queued items, which are then skipped before inference."""
-        futures = self.enqueue(items, deadline)
+        futures = self.enqueue(items, deadline, background)
         try:
             return list(await asyncio.gather(*futures))
         except BaseException:
@@ -119,20 +122,20 @@ class MicroBatcher(Generic[In, Out]):
             raise
 
     def enqueue(
-        self, items: list[In], deadline: float | None = None
+        self, items: list[In], deadline: float | None = None, background: bool = False
     ) -> list[asyncio.Future[Batched[Out]]]:
         """Queue items without waiting (streaming uses this); the futures carry the results."""
         if not self._accepting:
             raise UnavailableError("server is shutting down and takes no new requests")
-        if len(self._queue) + len(items) > self.config.max_queue_size:
+        if self.depth + len(items) > self.config.max_queue_size:
             raise QueueFullError(
-                f"server queue is full ({len(self._queue)} of {self.config.max_queue_size} "
+                f"server queue is full ({self.depth} of {self.config.max_queue_size} "
                 f"windows waiting, this request needs {len(items)}); retry with backoff"
             )
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         pendings = [_Pending(item, loop.create_future(), now, deadline) for item in items]
-        self._queue.extend(pendings)
+        (self._background if background else self._queue).extend(pendings)
         self._idle.clear()
         self._arrived.set()
         return [p.future for p in pendings]
@@ -158,15 +161,16 @@ class MicroBatcher(Generic[In, Out]):
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        for p in self._queue:
+        for p in [*self._queue, *self._background]:
             if not p.future.done():
                 p.future.set_exception(UnavailableError("server stopped before this request ran"))
         self._queue.clear()
+        self._background.clear()
 
     # -- the loop ------------------------------------------------------------------------
     async def _loop(self) -> None:
         while True:
-            if not self._queue:
+            if not self.depth:
                 self._idle.set()
                 self._arrived.clear()
                 await self._arrived.wait()
@@ -179,8 +183,9 @@ class MicroBatcher(Generic[In, Out]):
     async def _wait_for_batch(self) -> None:
         """Wait until the batch is full or the oldest item has waited max_wait_ms."""
         max_wait_s = self.config.max_wait_ms / 1000
-        while len(self._queue) < self.config.max_batch_size and self._accepting:
-            remaining = self._queue[0].enqueued + max_wait_s - time.monotonic()
+        while self.depth < self.config.max_batch_size and self._accepting:
+            oldest = min(q[0].enqueued for q in (self._queue, self._background) if q)
+            remaining = oldest + max_wait_s - time.monotonic()
             if remaining <= 0:
                 return
             self._arrived.clear()
@@ -192,8 +197,8 @@ class MicroBatcher(Generic[In, Out]):
     def _take_batch(self) -> list[_Pending[In, Out]]:
         batch: list[_Pending[In, Out]] = []
         now = time.monotonic()
-        while self._queue and len(batch) < self.config.max_batch_size:
-            p = self._queue.popleft()
+        while self.depth and len(batch) < self.config.max_batch_size:
+            p = (self._queue or self._background).popleft()
             if p.future.done():  # the caller went away: no model time for it
                 continue
             if p.deadline is not None and now >= p.deadline:

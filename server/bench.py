@@ -49,6 +49,7 @@ class Row:
     wall_s: float
     audio_s: float
     latencies_s: list[float]
+    batch_sizes: list[int]
 
     def cells(self) -> list[str]:
         lat = sorted(self.latencies_s)
@@ -59,6 +60,7 @@ class Row:
             f"{self.audio_s / self.wall_s:.1f}",
             f"{_percentile(lat, 50) * 1000:.0f}",
             f"{_percentile(lat, 99) * 1000:.0f}",
+            f"{np.mean(self.batch_sizes):.1f}",
         ]
 
 
@@ -103,13 +105,15 @@ def bench_in_process(model: object, clips: list[Clip], batch: int, rounds: int) 
             hf_model.generate(features)
             latencies += [time.perf_counter() - t0] * len(chunk)
     wall = time.perf_counter() - started
-    return Row(f"in-process generate, batch {batch}", len(work), wall, _audio(work), latencies)
+    name = f"in-process generate, batch {batch}"
+    return Row(name, len(work), wall, _audio(work), latencies, [batch])
 
 
 def bench_grpc(server: EmbeddedServer, clips: list[Clip], concurrency: int, rounds: int) -> Row:
     stub = server.stub()
     work = clips * rounds
     latencies: list[float] = []
+    batch_sizes: list[int] = []
     lock = threading.Lock()
     cursor = iter(range(len(work)))
 
@@ -123,16 +127,18 @@ def bench_grpc(server: EmbeddedServer, clips: list[Clip], concurrency: int, roun
                 audio=asr_pb2.RecognitionAudio(content=work[i].content)
             )
             t0 = time.perf_counter()
-            stub.Recognize(request, timeout=600)
+            response = stub.Recognize(request, timeout=600)
             with lock:
                 latencies.append(time.perf_counter() - t0)
+                batch_sizes.append(response.timing.batch_size)
 
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         for f in [pool.submit(client) for _ in range(concurrency)]:
             f.result()
     wall = time.perf_counter() - started
-    return Row(f"gRPC server, concurrency {concurrency}", len(work), wall, _audio(work), latencies)
+    name = f"gRPC server, concurrency {concurrency}"
+    return Row(name, len(work), wall, _audio(work), latencies, batch_sizes)
 
 
 @dataclass(frozen=True)
@@ -212,7 +218,7 @@ def _audio(clips: list[Clip]) -> float:
 
 
 def print_table(rows: list[Row], out: Callable[[str], None] = print) -> None:
-    header = ["", "files", "files/s", "audio s/s", "p50 ms", "p99 ms"]
+    header = ["", "files", "files/s", "audio s/s", "p50 ms", "p99 ms", "mean batch"]
     out("| " + " | ".join(header) + " |")
     out("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
     for row in rows:

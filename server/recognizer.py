@@ -110,16 +110,18 @@ class Recognizer:
         deadline: float | None = None,
         started: float | None = None,
         offset_s: float = 0.0,
+        background: bool = False,
     ) -> Recognition:
         """Recognize 16 kHz mono samples already decoded (streams come in this way); times
-        in the result are shifted by `offset_s`."""
+        in the result are shifted by `offset_s`. `background` work (interim re-decodes) is
+        batched after everything else."""
         started = time.monotonic() if started is None else started
         windows = split_windows(samples)
         voiced = [w for w in windows if not self.gate.is_silent(w.samples)]
         results: list[Batched[WindowResult]] = []
         if voiced:
             tasks = await asyncio.to_thread(self._tasks, voiced, options)
-            results = await self.batcher.submit_many(tasks, deadline)
+            results = await self.batcher.submit_many(tasks, deadline, background)
         segments = [
             _segment(w, r.value, offset_s)
             for w, r in zip(voiced, results, strict=True)
@@ -134,6 +136,11 @@ class Recognizer:
             windows=len(windows),
         )
         return Recognition([s for s in segments if s.text], timing)
+
+    @property
+    def backlogged(self) -> bool:
+        """True when a full batch is already waiting: best-effort work should be skipped."""
+        return self.batcher.depth >= self.batcher.config.max_batch_size
 
     def _tasks(self, windows: list[Window], options: DecodeOptions) -> list[WindowTask]:
         return [WindowTask(self.model.prepare(w.samples), w.duration_s, options) for w in windows]

@@ -338,10 +338,12 @@ async def _decode_ready(
                 return
         if closing and not utterance.speech_seen:
             return
-    if utterance.wants_interim() and not (reader.pending or closing):
+    # Interims are best effort: skipped while more audio is waiting to be read or the server
+    # has a full batch queued (they'd only delay finals), and batched after urgent work.
+    if utterance.wants_interim() and not (reader.pending or closing or recognizer.backlogged):
         utterance.new_since_decode_s = 0.0
         start_s = utterance.start_s
-        result = await recognizer.recognize_samples(utterance.audio, cfg.options)
+        result = await recognizer.recognize_samples(utterance.audio, cfg.options, background=True)
         if result.text:
             text, stability = utterance.agree(result.text)
             end_s = start_s + utterance.duration_s

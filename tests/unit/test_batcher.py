@@ -198,3 +198,19 @@ def test_config_validation():
         BatcherConfig(0, 1, 1)
     with pytest.raises(ValueError, match="max_queue_size"):
         BatcherConfig(8, 1, 4)
+
+
+async def test_background_items_wait_behind_urgent_ones(worker):
+    fn = Recorder()
+    fn.gate.clear()
+    b = make(fn, worker, size=2, wait_ms=0)
+    first = asyncio.ensure_future(b.submit(0))
+    await _started(fn)
+    interim = asyncio.ensure_future(b.submit_many([7], background=True))
+    await asyncio.sleep(0)
+    finals = asyncio.ensure_future(b.submit_many([1, 2]))
+    await asyncio.sleep(0)
+    fn.gate.set()
+    await asyncio.gather(first, interim, finals)
+    assert fn.batches == [[0], [1, 2], [7]]  # queued later, served first
+    await b.stop()
