@@ -30,6 +30,7 @@ from server.models.base import DecodeOptions, ModelInfo, SpeechModel, WindowResu
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
+N_FRAMES = 3000  # mel frames in Whisper's 30 s window
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_PROMPT_TOKENS = 223  # Whisper's decoder context is 448; the prompt may use half of it
 
@@ -150,7 +151,14 @@ class WhisperModel(SpeechModel):
         features = features.to(self.device, self.dtype)
         encoded = self.model.get_encoder()(features)
         no_speech = self._no_speech_probs(encoded)
-        decoded = self._generate(encoded, options, len(tasks))
+        mask = None
+        if options.word_timestamps:
+            # The real length of each window, so token times align on audio, not on padding.
+            frames = [min(N_FRAMES, int(np.ceil(t.duration_s * 100))) for t in tasks]
+            mask = torch.zeros((len(tasks), N_FRAMES), dtype=torch.long)
+            for row, n in enumerate(frames):
+                mask[row, :n] = 1
+        decoded = self._generate(encoded, options, len(tasks), mask)
         return [
             self._result(d, p, task.duration_s)
             for d, p, task in zip(decoded, no_speech, tasks, strict=True)
@@ -189,9 +197,15 @@ class WhisperModel(SpeechModel):
         return kwargs
 
     def _generate(
-        self, encoded: BaseModelOutput, options: DecodeOptions, batch: int
+        self,
+        encoded: BaseModelOutput,
+        options: DecodeOptions,
+        batch: int,
+        attention_mask: torch.Tensor | None = None,
     ) -> list[_Decoded]:
         kwargs = self._generate_kwargs(options)
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask.to(self.device)
         out = self.model.generate(encoder_outputs=encoded, **kwargs)
         sequences = out["sequences"].cpu()
         n_new = len(out["scores"])
