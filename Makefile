@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 50051
 MODEL ?= tiny.en
 
-.PHONY: install model serve test lint typecheck pytest protos bench freeze clean
+.PHONY: install model serve test lint typecheck pytest protos bench freeze clean images loadtest
 
 # Idempotent: the stamp is newer than the files it was made from, so a second run is instant.
 $(STAMP): pyproject.toml constraints.txt
@@ -47,12 +47,21 @@ test: lint typecheck pytest
 protos: install
 	$(PY) scripts/gen_protos.py
 
+# A folder of FLAC/WAV files (LibriSpeech's layout works); this repo's tests use ../shared/data.
+DATASET ?= ../shared/data/LibriSpeech
+
 bench: model
-	$(PY) -m server.bench
+	$(PY) -m server.bench --dataset $(DATASET) --model $(MODEL)
 
 freeze: install
-	$(PY) -m pip freeze --exclude-editable | grep -v '^openai-whisper' > /tmp/whisper-grpc-freeze.txt
+	$(PY) -m pip freeze --all --exclude-editable | grep -v -E '^(pip|openai-whisper)==' > /tmp/whisper-grpc-freeze.txt
 	@echo "review /tmp/whisper-grpc-freeze.txt and merge it into constraints.txt"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+IMAGE_TAG ?= local
+# Docker images (needs a Docker engine; not part of `make test`).
+images:
+	docker build -f docker/server.Dockerfile -t whisper-grpc-server:$(IMAGE_TAG) .
+	docker build -f docker/cpu.Dockerfile -t whisper-grpc-cpu:$(IMAGE_TAG) .
