@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# The pinned CPU build first (it installs from the wheel cache); an unpinned torch
 	# would pull a multi-GB CUDA build.
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev,base]'
+	$(PIP) -e '.[dev,base,loadgen]'
 	# Only for its data file english.json (Whisper's English normalizer, used for WER):
 	# without --no-deps it would pull numba, tiktoken and a second torch.
 	$(PIP) --no-deps openai-whisper
@@ -48,10 +48,28 @@ protos: install
 	$(PY) scripts/gen_protos.py
 
 # A folder of FLAC/WAV files (LibriSpeech's layout works); this repo's tests use ../shared/data.
-DATASET ?= ../shared/data/LibriSpeech
+BENCH_DATASET ?= ../shared/data/LibriSpeech
 
 bench: model
-	$(PY) -m server.bench --dataset $(DATASET) --model $(MODEL)
+	$(PY) -m server.bench --dataset $(BENCH_DATASET) --model $(MODEL)
+
+LOADTEST_PORT ?= 50071
+DATASET ?= librispeech:test-clean
+LOADTEST_ARGS ?= --concurrency 1,2,4,8 --duration 20 --warmup 5 --limit 64
+LOADTEST_STAMP := $(shell date +%Y%m%d-%H%M%S)
+LOADTEST_OUT ?= runs/loadtest-$(LOADTEST_STAMP)
+
+# Serve the embedded default model on loopback, sweep it with the load generator, print the
+# table (report, plots, raw records and the server's log in $(LOADTEST_OUT)), stop the server.
+# DATASET: a LibriSpeech folder (one split or the root), an audio folder, or librispeech:<split>
+# (downloaded and verified once into ~/.cache/whisper-grpc/datasets).
+loadtest: model
+	@mkdir -p $(LOADTEST_OUT)
+	@$(PY) -m server --host 127.0.0.1 --port $(LOADTEST_PORT) --metrics-port -1 --model $(MODEL) \
+	  2> $(LOADTEST_OUT)/server.log & server=$$!; \
+	trap 'kill $$server 2>/dev/null; wait $$server 2>/dev/null' EXIT; \
+	$(PY) -m loadgen run --target 127.0.0.1:$(LOADTEST_PORT) --dataset '$(DATASET)' \
+	  --wait-ready 600 --out $(LOADTEST_OUT) $(LOADTEST_ARGS)
 
 freeze: install
 	$(PY) -m pip freeze --all --exclude-editable | grep -v -E '^(pip|openai-whisper)==' > /tmp/whisper-grpc-freeze.txt

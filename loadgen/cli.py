@@ -1,0 +1,270 @@
+"""Command line: `python -m loadgen run|compare|fetch` (console script `whisper-grpc-loadgen`).
+
+    run      sweep a server over --concurrency (closed loop) and/or --rate (open loop) levels
+    compare  put several run folders side by side, with SLO capacity and cost
+    fetch    download a LibriSpeech split from OpenSLR into the cache
+
+Flags and environment are read here and nowhere else. Only `run` imports Locust (which
+monkey-patches the process with gevent), and only after its flags are validated.
+Exit codes: 0 done, 1 the server or the network failed us, 2 bad usage or an unsupported mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from loadgen import __version__
+from loadgen.config import (
+    DEFAULT_CACHE_DIR,
+    ConfigError,
+    Connection,
+    RunConfig,
+    parse_float_list,
+    parse_int_list,
+    parse_metadata,
+)
+from loadgen.errors import LoadgenError
+
+ENV_CACHE_DIR = "WHISPER_GRPC_LOADGEN_CACHE_DIR"
+ENV_BASE_URL = "WHISPER_GRPC_LOADGEN_BASE_URL"
+log = logging.getLogger("loadgen")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="whisper-grpc-loadgen", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, Locust's too")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub.add_parser("run", help="sweep load levels against a server"))
+    _add_compare(sub.add_parser("compare", help="compare run folders"))
+    _add_fetch(sub.add_parser("fetch", help="download a LibriSpeech split"))
+    return parser
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", help="HOST:PORT of the Speech server")
+    p.add_argument("--dataset", help="LibriSpeech folder, audio folder, librispeech:SPLIT, hf:NAME")
+    p.add_argument(
+        "--out", type=Path, help="folder for summary.csv/json, records.csv, plots, report"
+    )
+    p.add_argument("--limit", type=int, help="use at most N files (a seeded sample)")
+    p.add_argument("--seed", type=int, default=0, help="file sample, replay order, arrivals [0]")
+    p.add_argument("--label", default="", help="name of this run, e.g. the instance type")
+    p.add_argument("--price-per-hour", type=float, help="instance price, $/h, for compare")
+    p.add_argument("--wait-ready", type=float, default=60.0, help="wait for SERVING, s [60]")
+    p.add_argument("--progress-interval", type=float, default=2.0, help="progress line, s [2]")
+    _add_level_flags(p.add_argument_group("load levels"))
+    _add_connection_flags(p.add_argument_group("connection"))
+    _add_cache_flags(p)
+    _add_distributed_flags(p.add_argument_group("distributed (Locust master/worker)"))
+
+
+def _add_level_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--concurrency", default="", help="closed-loop levels, e.g. 1,2,4,8")
+    g.add_argument("--rate", default="", help="open-loop levels in requests/s, e.g. 1,2,4")
+    g.add_argument("--duration", type=float, default=30.0, help="measurement window, s [30]")
+    g.add_argument("--warmup", type=float, default=5.0, help="unmeasured load per level, s [5]")
+    g.add_argument(
+        "--stability",
+        action="store_true",
+        help="repeat --duration windows until 3 agree within --stability-tolerance on "
+        "throughput and p99 (perf_analyzer's rule), at most --max-windows",
+    )
+    g.add_argument("--max-windows", type=int, default=10, help="cap with --stability [10]")
+    g.add_argument("--stability-tolerance", type=float, default=0.10, help="[0.10]")
+    g.add_argument("--max-inflight", type=int, default=1000, help="open loop: drop beyond [1000]")
+    g.add_argument("--late-ms", type=float, default=20.0, help="open loop: late beyond, ms [20]")
+    g.add_argument("--generators", type=int, default=1, help="open loop: generators/process [1]")
+
+
+def _add_connection_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--mode",
+        choices=["unary", "stream"],
+        default="unary",
+        help="Recognize, or StreamingRecognize with the audio as LINEAR16 chunks [unary]",
+    )
+    g.add_argument("--tls", action="store_true", help="connect with TLS")
+    g.add_argument("--ca-cert", type=Path, help="PEM roots to trust (with --tls)")
+    g.add_argument("--metadata", action="append", default=[], help="key=value, repeatable")
+    g.add_argument("--timeout", type=float, default=120.0, help="deadline per call, s [120]")
+    g.add_argument("--channels", type=int, default=1, help="gRPC connections per process [1]")
+
+
+def _add_distributed_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--master", action="store_true", help="drive workers instead of users")
+    g.add_argument("--expect-workers", type=int, default=0, help="workers to wait for")
+    g.add_argument("--master-bind-host", default="*", help="[* = all interfaces]")
+    g.add_argument("--master-bind-port", type=int, default=5557, help="[5557; 0 = any]")
+    g.add_argument("--worker-timeout", type=float, default=120.0, help="wait for workers, s")
+    g.add_argument("--worker", action="store_true", help="generate load for a master")
+    g.add_argument("--master-host", default="127.0.0.1", help="the master, for --worker")
+    g.add_argument("--master-port", type=int, default=5557, help="[5557]")
+
+
+def _add_compare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", type=Path, help="run folders (each with summary.json)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the comparison")
+    p.add_argument("--slo-p99-ms", type=float, help="latency SLO for the capacity column")
+    p.add_argument(
+        "--price",
+        action="append",
+        default=[],
+        help="LABEL=$/h: price a run (or override its --price-per-hour), repeatable",
+    )
+
+
+def _add_fetch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("corpus", choices=["librispeech"])
+    p.add_argument("splits", nargs="+", help="test-clean, test-other, dev-clean, ...")
+    p.add_argument("--sha256", help="expected sha256 (overrides the built-in table)")
+    p.add_argument("--md5", help="expected md5 (overrides the built-in table)")
+    p.add_argument("--force", action="store_true", help="download and unpack again")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_cache_flags(p)
+
+
+def _add_cache_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(os.environ.get(ENV_CACHE_DIR, DEFAULT_CACHE_DIR)),
+        help=f"downloaded data sets [env {ENV_CACHE_DIR}; {DEFAULT_CACHE_DIR}]",
+    )
+    p.add_argument(
+        "--base-url",
+        default=os.environ.get(ENV_BASE_URL, ""),
+        help=f"LibriSpeech mirror [env {ENV_BASE_URL}; https://www.openslr.org/resources/12]",
+    )
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """Validated RunConfig from `run` flags; raises ConfigError naming the flag."""
+    if not args.target or not args.dataset or not args.out:
+        raise ConfigError("run needs --target, --dataset and --out (or --worker)")
+    ca_pem = args.ca_cert.read_bytes() if args.ca_cert else None
+    connection = Connection(
+        target=args.target,
+        tls=args.tls,
+        ca_pem=ca_pem,
+        metadata=parse_metadata(args.metadata),
+        timeout_s=args.timeout,
+        channels=args.channels,
+        mode=args.mode,
+    )
+    return RunConfig(
+        connection=connection,
+        dataset=args.dataset,
+        out=args.out,
+        concurrency=parse_int_list(args.concurrency, "--concurrency"),
+        rates=parse_float_list(args.rate, "--rate"),
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        stability=args.stability,
+        max_windows=args.max_windows,
+        stability_tolerance=args.stability_tolerance,
+        limit=args.limit,
+        seed=args.seed,
+        label=args.label,
+        price_per_hour=args.price_per_hour,
+        max_inflight=args.max_inflight,
+        late_ms=args.late_ms,
+        generators=args.generators,
+        wait_ready_s=args.wait_ready,
+        progress_interval_s=args.progress_interval,
+        cache_dir=args.cache_dir,
+        base_url=args.base_url,
+        master=args.master,
+        expect_workers=args.expect_workers,
+        master_bind_host=args.master_bind_host,
+        master_bind_port=args.master_bind_port,
+        worker_timeout_s=args.worker_timeout,
+    )
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.worker:
+        if not args.dataset:
+            raise ConfigError("--worker needs --dataset (the same as the master's)")
+        import loadgen.green
+        from loadgen.distributed import run_worker
+
+        return run_worker(
+            args.master_host,
+            args.master_port,
+            args.dataset,
+            limit=args.limit,
+            seed=args.seed,
+            cache_dir=args.cache_dir,
+            base_url=args.base_url or None,
+        )
+    config = run_config(args)
+    import loadgen.green  # noqa: F401
+    from loadgen import runner
+
+    code, table = runner.run(config, argv)
+    print(table)
+    return code
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from loadgen.compare import load_run, parse_prices, write_compare
+
+    prices = parse_prices(args.price)
+    runs = [load_run(path, prices) for path in args.runs]
+    _, text = write_compare(args.out, runs, args.slo_p99_ms)
+    print(text)
+    print(f"\nreport: {args.out / 'report.html'}")
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from loadgen.fetch import ensure_librispeech
+
+    for split in args.splits:
+        path = ensure_librispeech(
+            split,
+            args.cache_dir,
+            args.base_url or None,
+            sha256=args.sha256,
+            md5=args.md5,
+            force=args.force,
+            progress=not args.no_progress,
+        )
+        print(path)
+    return 0
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not verbose:  # Locust narrates every spawn; keep its warnings only
+        logging.getLogger("locust").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        if args.command == "run":
+            return _run(args, argv)
+        if args.command == "compare":
+            return _compare(args)
+        return _fetch(args)
+    except LoadgenError as err:
+        log.error("%s", err)
+        return err.exit_code
+    except FileNotFoundError as err:  # a run folder or --ca-cert that is not there
+        log.error("%s", err)
+        return 2

@@ -1,0 +1,257 @@
+"""The gRPC protocol client: it times one call with perf_counter and fires one Locust request
+event; nothing else. What the event carries becomes a `loadgen.stats.Record` in the listener.
+
+Also the checks made once before a run: wait for health SERVING, read GetServerInfo, and find
+out whether the server implements StreamingRecognize (`--mode stream`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import loadgen.green  # noqa: F401  (gevent patching before grpc is used)
+from asr.v1 import asr_pb2, asr_pb2_grpc
+from loadgen.config import Connection
+from loadgen.dataset import Item, pcm16
+from loadgen.errors import LoadgenError, UsageError
+from loadgen.stats import DROPPED, OK
+
+Config = asr_pb2.RecognitionConfig
+SPEECH_SERVICE = "asr.v1.Speech"
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+STREAM_CHUNK_MS = 100
+_ENCODINGS: dict[str, Any] = {
+    "FLAC": Config.FLAC,
+    "WAV": Config.WAV,
+    "OGG": Config.OGG,
+    "": Config.ENCODING_UNSPECIFIED,
+}
+
+
+class ServerNotReady(LoadgenError):
+    """Health did not say SERVING within the wait."""
+
+
+class ModeNotSupported(UsageError):
+    """The server does not implement the RPC that `--mode` needs."""
+
+
+class Dropped(Exception):
+    """Locust's stats need an exception for a request that was not sent."""
+
+
+def make_channels(conn: Connection) -> list[grpc.Channel]:
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+    if conn.channels > 1:  # otherwise equal channels share one connection
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    if conn.tls:
+        credentials = grpc.ssl_channel_credentials(root_certificates=conn.ca_pem)
+        return [
+            grpc.secure_channel(conn.target, credentials, options) for _ in range(conn.channels)
+        ]
+    return [grpc.insecure_channel(conn.target, options) for _ in range(conn.channels)]
+
+
+def recognize_request(item: Item) -> asr_pb2.RecognizeRequest:
+    return asr_pb2.RecognizeRequest(
+        config=Config(encoding=_ENCODINGS.get(item.encoding, Config.ENCODING_UNSPECIFIED)),
+        audio=asr_pb2.RecognitionAudio(content=item.data),
+    )
+
+
+class SpeechClient:
+    """Sends one request per call over the process's channels, round robin."""
+
+    def __init__(
+        self,
+        channels: list[grpc.Channel],
+        fire: Callable[..., Any],
+        conn: Connection,
+        worker: str,
+    ) -> None:
+        self._stubs = itertools.cycle([asr_pb2_grpc.SpeechStub(c) for c in channels])
+        self._fire = fire  # Locust's events.request.fire
+        self._conn = conn
+        self._worker = worker
+        self._requests: dict[str, asr_pb2.RecognizeRequest] = {}
+        self._pcm: dict[str, tuple[bytes, int]] = {}
+
+    def call(self, item: Item, start_perf: float, sent_ts: float, late_ms: float = 0.0) -> None:
+        """One call; latency counts from start_perf (the scheduled time in open loop)."""
+        stub = next(self._stubs)
+        response: Any = None
+        error: grpc.RpcError | None = None
+        try:
+            if self._conn.mode == "stream":
+                response = self._stream(stub, item)
+            else:
+                response = self._unary(stub, item)
+        except grpc.RpcError as err:
+            error = err
+        latency_ms = (time.perf_counter() - start_perf) * 1000.0
+        fields = _fields(item, self._worker, sent_ts, latency_ms, late_ms, response, error)
+        self._fire(
+            request_type="grpc",
+            name="StreamingRecognize" if self._conn.mode == "stream" else "Recognize",
+            response_time=latency_ms,
+            response_length=len(fields["transcript"]),
+            exception=error,
+            context={"loadgen": fields},
+        )
+
+    def dropped(self, item: Item, sent_ts: float, late_ms: float) -> None:
+        """An open-loop arrival that was not sent: too many calls in flight here."""
+        fields = {
+            "item_id": item.id,
+            "worker": self._worker,
+            "sent_ts": sent_ts,
+            "latency_ms": float("nan"),
+            "status": DROPPED,
+            "audio_s": item.audio_s,
+            "late_ms": late_ms,
+        }
+        self._fire(
+            request_type="grpc",
+            name="dropped",
+            response_time=0.0,
+            response_length=0,
+            exception=Dropped("too many calls in flight"),
+            context={"loadgen": fields},
+        )
+
+    def _unary(self, stub: asr_pb2_grpc.SpeechStub, item: Item) -> tuple[str, Any]:
+        request = self._requests.get(item.id)
+        if request is None:
+            request = self._requests[item.id] = recognize_request(item)
+        response = stub.Recognize(
+            request, timeout=self._conn.timeout_s, metadata=self._conn.metadata or None
+        )
+        text = " ".join(r.alternatives[0].transcript for r in response.results if r.alternatives)
+        return text.strip(), response.timing if response.HasField("timing") else None
+
+    def _stream(self, stub: asr_pb2_grpc.SpeechStub, item: Item) -> tuple[str, Any]:
+        """Audio as fast as the stream takes it (no real-time pacing yet); the call ends when
+        the server closes the stream after the last final result."""
+        if item.id not in self._pcm:
+            self._pcm[item.id] = pcm16(item)
+        pcm, rate = self._pcm[item.id]
+        finals: list[str] = []
+        timing = None
+        responses = stub.StreamingRecognize(
+            stream_requests(pcm, rate),
+            timeout=self._conn.timeout_s,
+            metadata=self._conn.metadata or None,
+        )
+        for response in responses:
+            finals += [r.alternatives[0].transcript for r in response.results if r.is_final]
+            if response.HasField("timing"):
+                timing = response.timing
+        return " ".join(finals).strip(), timing
+
+
+def stream_requests(pcm: bytes, rate: int) -> Iterator[asr_pb2.StreamingRecognizeRequest]:
+    config = asr_pb2.StreamingRecognitionConfig(
+        config=Config(encoding=Config.LINEAR16, sample_rate_hertz=rate, audio_channel_count=1)
+    )
+    yield asr_pb2.StreamingRecognizeRequest(streaming_config=config)
+    step = max(2, rate * 2 * STREAM_CHUNK_MS // 1000)
+    for start in range(0, len(pcm), step):
+        yield asr_pb2.StreamingRecognizeRequest(audio_content=pcm[start : start + step])
+
+
+def _ms(duration: Any) -> float:
+    return float(duration.ToNanoseconds()) / 1e6
+
+
+def _fields(
+    item: Item,
+    worker: str,
+    sent_ts: float,
+    latency_ms: float,
+    late_ms: float,
+    response: tuple[str, Any] | None,
+    error: grpc.RpcError | None,
+) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "item_id": item.id,
+        "worker": worker,
+        "sent_ts": sent_ts,
+        "latency_ms": latency_ms,
+        "status": OK,
+        "audio_s": item.audio_s,
+        "late_ms": late_ms,
+    }
+    if error is not None:
+        code = error.code() if hasattr(error, "code") else None
+        fields["status"] = code.name if code is not None else "UNKNOWN"
+        fields["error"] = (error.details() if hasattr(error, "details") else str(error)) or ""
+        return fields
+    assert response is not None
+    text, timing = response
+    fields["transcript"] = text
+    if timing is not None:
+        fields.update(
+            queue_ms=_ms(timing.queue_time),
+            infer_ms=_ms(timing.inference_time),
+            server_ms=_ms(timing.total_time),
+            batch_size=timing.batch_size,
+            windows=timing.windows,
+        )
+    return fields
+
+
+def wait_until_serving(channel: grpc.Channel, timeout_s: float) -> None:
+    """Block until the server's health says SERVING for the Speech service. Uses Watch with
+    wait_for_ready, so a server that is still starting is waited for, not polled."""
+    health = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest(service=SPEECH_SERVICE)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    try:
+        for update in health.Watch(request, timeout=max(timeout_s, 0.1), wait_for_ready=True):
+            if update.status == serving:
+                return
+    except grpc.RpcError as err:
+        no_watch = err.code() == grpc.StatusCode.UNIMPLEMENTED
+        if no_watch and health.Check(request, timeout=max(timeout_s, 0.1)).status == serving:
+            return
+        raise ServerNotReady(f"server not SERVING within {timeout_s:g} s: {err.details()}") from err
+    raise ServerNotReady("health stream ended before the server said SERVING")
+
+
+def server_info(channel: grpc.Channel, conn: Connection) -> dict[str, Any]:
+    stub = asr_pb2_grpc.SpeechStub(channel)
+    info = stub.GetServerInfo(
+        asr_pb2.GetServerInfoRequest(), timeout=30, metadata=conn.metadata or None
+    )
+    return MessageToDict(info, preserving_proto_field_name=True)
+
+
+def check_mode_supported(channel: grpc.Channel, conn: Connection) -> None:
+    """For `--mode stream`: one short stream of silence; UNIMPLEMENTED means the server cannot
+    be load-tested that way."""
+    if conn.mode != "stream":
+        return
+    stub = asr_pb2_grpc.SpeechStub(channel)
+    silence = bytes(16000 * 2 // 10)  # 100 ms at 16 kHz
+    try:
+        for _ in stub.StreamingRecognize(
+            stream_requests(silence, 16000), timeout=30, metadata=conn.metadata or None
+        ):
+            pass
+    except grpc.RpcError as err:
+        if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+            raise ModeNotSupported(
+                f"--mode stream: the server at {conn.target} does not implement "
+                f"StreamingRecognize (UNIMPLEMENTED: {err.details()}); use --mode unary"
+            ) from err
+        raise

@@ -1,0 +1,307 @@
+"""The sweep driver: runs Locust (as a library) through the load levels and collects the results.
+
+Per level: start the users (or tell the workers), warm up for `warmup_s`, measure for
+`duration_s` (or window after window until stable, with `--stability`), then keep the load on
+until every request sent in the window has returned, stop sending, and aggregate the window's
+records (`loadgen.stats`). Between levels the users idle, so nothing of one level leaks into the
+next. The same driver runs a single process (`LocalCoordinator`) or a Locust master with
+workers (`loadgen.distributed.MasterCoordinator`); only how plans and records travel differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import sys
+import time
+from typing import Any, Protocol, TextIO
+
+import gevent
+from locust.env import Environment
+
+import loadgen
+import loadgen.green
+from loadgen import report
+from loadgen.client import check_mode_supported, make_channels, server_info, wait_until_serving
+from loadgen.config import Connection, LevelPlan, RunConfig
+from loadgen.dataset import Dataset, load_dataset
+from loadgen.stats import (
+    LevelResult,
+    LevelSummary,
+    Record,
+    Recorder,
+    WindowStat,
+    in_window,
+    is_stable,
+    percentiles,
+    summarize,
+    window_stat,
+)
+from loadgen.users import LoadContext, SpeechUser, bind
+
+log = logging.getLogger(__name__)
+STABLE_WINDOWS = 3
+
+
+class Coordinator(Protocol):
+    """How the driver reaches the users: in this process, or through a Locust master."""
+
+    recorder: Recorder
+
+    def begin(self, plan: LevelPlan) -> None:
+        """Start the level: the right number of users, pacing by plan."""
+
+    def settle(self, end_ts: float) -> None:
+        """Return when the records of requests sent before end_ts are (as far as can be known)
+        all in; the load goes on meanwhile."""
+
+    def drain(self, end_ts: float) -> list[Record]:
+        """Keep the load on until every request sent before end_ts has returned, then stop
+        sending, and return every record of the level."""
+
+    def finish(self) -> None:
+        """Stop all users and Locust itself."""
+
+    def describe(self) -> dict[str, Any] | None:
+        """What summary.json says about the load generators (None: this process alone)."""
+
+
+class LocalCoordinator:
+    def __init__(self, env: Environment, ctx: LoadContext, drain_timeout_s: float) -> None:
+        self.recorder = ctx.recorder
+        self._ctx = ctx
+        self._runner = env.create_local_runner()
+        self._timeout_s = drain_timeout_s
+
+    def begin(self, plan: LevelPlan) -> None:
+        # Adjust the user count while the users idle, then let them all go at once.
+        self._runner.start(plan.users, spawn_rate=max(plan.users, 1))
+        if self._runner.spawning_greenlet is not None:
+            self._runner.spawning_greenlet.join()
+        self._ctx.control.begin(plan)
+
+    def settle(self, end_ts: float) -> None:
+        self._ctx.control.wait_settled(end_ts, self._timeout_s)
+
+    def drain(self, end_ts: float) -> list[Record]:
+        control = self._ctx.control
+        if not control.wait_settled(end_ts, self._timeout_s):
+            log.warning("requests of the window still out after %.0f s", self._timeout_s)
+        control.stop_sending()
+        control.wait_idle(self._timeout_s)
+        return self.recorder.take()
+
+    def finish(self) -> None:
+        self._runner.quit()
+        self._ctx.close()
+
+    def describe(self) -> dict[str, Any] | None:
+        return None
+
+
+def run(config: RunConfig, argv: list[str]) -> tuple[int, str]:
+    """`loadgen run`: the whole sweep, then the reports. Returns the exit code and the table
+    to print."""
+    started = dt.datetime.now(dt.timezone.utc)
+    dataset = load_dataset(
+        config.dataset,
+        limit=config.limit,
+        seed=config.seed,
+        cache_dir=config.cache_dir,
+        base_url=config.base_url or None,
+    )
+    log.info(
+        "data set %s: %d files, %.0f s of audio", dataset.spec, len(dataset.items), dataset.audio_s
+    )
+    info = probe_server(config.connection, config.wait_ready_s)
+    env = Environment(user_classes=[SpeechUser], host=config.connection.target)
+    coordinator = _coordinator(config, env, dataset)
+    progress = Progress(sys.stderr, config.progress_interval_s, len(config.levels()))
+    results: list[LevelResult] = []
+    code = 0
+    try:
+        for plan in config.levels():
+            results.append(run_level(plan, config, coordinator, dataset, progress))
+    except KeyboardInterrupt:
+        log.warning("interrupted: reporting the %d level(s) done", len(results))
+        code = 130
+    finally:
+        coordinator.finish()
+    meta = run_metadata(config, argv, dataset, info, started, coordinator)
+    report.write_run(config.out, meta, results)
+    table = report.markdown_table([r.summary for r in results])
+    return code, f"{table}\n\nreport: {config.out / 'report.html'}"
+
+
+def _coordinator(config: RunConfig, env: Environment, dataset: Dataset) -> Coordinator:
+    drain_timeout_s = config.connection.timeout_s + 30.0
+    if config.master:
+        from loadgen.distributed import MasterCoordinator
+
+        return MasterCoordinator(env, config, dataset, drain_timeout_s)
+    ctx = LoadContext(dataset, env.events.request.fire, seed=config.seed)
+    env.events.request.add_listener(ctx.recorder.on_request)
+    ctx.connect(config.connection)
+    bind(ctx)
+    return LocalCoordinator(env, ctx, drain_timeout_s)
+
+
+def probe_server(conn: Connection, wait_ready_s: float) -> dict[str, Any]:
+    """Wait for SERVING, read GetServerInfo, check the mode is supported."""
+    channel = make_channels(dataclasses.replace(conn, channels=1))[0]
+    try:
+        wait_until_serving(channel, wait_ready_s)
+        info = server_info(channel, conn)
+        check_mode_supported(channel, conn)
+    finally:
+        channel.close()
+    log.info(
+        "server %s: %s on %s (%s), max_batch_size %s",
+        conn.target,
+        info.get("model_id"),
+        info.get("device_name"),
+        info.get("device"),
+        info.get("max_batch_size"),
+    )
+    return info
+
+
+def run_level(
+    plan: LevelPlan,
+    config: RunConfig,
+    coordinator: Coordinator,
+    dataset: Dataset,
+    progress: Progress,
+) -> LevelResult:
+    coordinator.begin(plan)
+    begin_ts = time.time()
+    first_window_ts = begin_ts + config.warmup_s
+    progress.cooling_down = False
+    ticker = gevent.spawn(progress.run, plan, coordinator.recorder, begin_ts, first_window_ts)
+    try:
+        end_ts, windows = _measure(config, coordinator, first_window_ts)
+        progress.cooling_down = True
+        records = coordinator.drain(end_ts)
+    finally:
+        ticker.kill()
+    used = min(len(windows), STABLE_WINDOWS) if config.stability else 1
+    measure_ts = end_ts - used * config.duration_s
+    summary = summarize(
+        in_window(records, measure_ts, end_ts),
+        end_ts - measure_ts,
+        level=plan.index,
+        mode=plan.mode,
+        concurrency=plan.concurrency,
+        rate=plan.rate,
+        references=dataset.references,
+        late_ms=plan.late_ms,
+    )
+    summary.windows = max(len(windows), 1)
+    summary.stable = is_stable(windows, config.stability_tolerance) if config.stability else None
+    progress.done(plan, summary)
+    return LevelResult(plan, summary, records, begin_ts, first_window_ts, measure_ts, end_ts)
+
+
+def _measure(
+    config: RunConfig, coordinator: Coordinator, first_window_ts: float
+) -> tuple[float, list[WindowStat]]:
+    """Wait out the warm-up and the window(s); return the end of the last window and, with
+    --stability, the stats of every window."""
+    end_ts = first_window_ts
+    windows: list[WindowStat] = []
+    while True:
+        end_ts += config.duration_s
+        gevent.sleep(max(0.0, end_ts - time.time()))
+        if not config.stability:
+            return end_ts, windows
+        coordinator.settle(end_ts)
+        window = in_window(coordinator.recorder.peek(), end_ts - config.duration_s, end_ts)
+        windows.append(window_stat(window, config.duration_s))
+        if is_stable(windows, config.stability_tolerance, STABLE_WINDOWS):
+            return end_ts, windows
+        if len(windows) >= config.max_windows:
+            log.warning("level not stable after %d windows; reporting the last three", len(windows))
+            return end_ts, windows
+
+
+class Progress:
+    """A line on stderr every few seconds: level, phase, elapsed, requests, p50/p99 so far."""
+
+    def __init__(self, stream: TextIO, interval_s: float, levels: int) -> None:
+        self._stream = stream
+        self._interval_s = interval_s
+        self._levels = levels
+        self.cooling_down = False
+        """Set once the window is over: the load goes on until its requests are back."""
+
+    def run(self, plan: LevelPlan, recorder: Recorder, begin_ts: float, window_ts: float) -> None:
+        while True:
+            gevent.sleep(self._interval_s)
+            self._write(self._line(plan, recorder.peek(), begin_ts, window_ts))
+
+    def _line(
+        self, plan: LevelPlan, records: list[Record], begin_ts: float, window_ts: float
+    ) -> str:
+        now = time.time()
+        phase = "warmup" if now < window_ts else "cooldown" if self.cooling_down else "measure"
+        since = [r for r in records if r.sent_ts >= (window_ts if now >= window_ts else begin_ts)]
+        ok = [r.latency_ms for r in since if r.ok]
+        p50, p99 = percentiles(ok, [50, 99])
+        return (
+            f"[{plan.index + 1}/{self._levels} {plan.mode} {plan.describe()}] {phase} "
+            f"{now - begin_ts:5.1f} s | {len(since)} req, {len(since) - len(ok)} err | "
+            f"p50 {p50:.0f} ms, p99 {p99:.0f} ms"
+        )
+
+    def done(self, plan: LevelPlan, s: LevelSummary) -> None:
+        self._write(
+            f"[{plan.index + 1}/{self._levels} {plan.mode} {plan.describe()}] done: "
+            f"{s.requests} req, {s.errors} err, {s.rps:.2f} req/s, RTFx {s.audio_s_per_s:.1f}, "
+            f"p50 {s.p50_ms:.0f} ms, p99 {s.p99_ms:.0f} ms"
+        )
+
+    def _write(self, line: str) -> None:
+        self._stream.write(line + "\n")
+        self._stream.flush()
+
+
+def run_metadata(
+    config: RunConfig,
+    argv: list[str],
+    dataset: Dataset,
+    info: dict[str, Any],
+    started: dt.datetime,
+    coordinator: Coordinator,
+) -> dict[str, Any]:
+    conn = config.connection
+    return {
+        "loadgen_version": loadgen.__version__,
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": ["python", "-m", "loadgen", *argv],
+        "target": conn.target,
+        "tls": conn.tls,
+        "mode": conn.mode,
+        "label": config.label or info.get("device_name") or conn.target,
+        "price_per_hour": config.price_per_hour,
+        "server_info": info,
+        "dataset": dataset.describe(),
+        "settings": {
+            "concurrency": list(config.concurrency),
+            "rates": list(config.rates),
+            "duration_s": config.duration_s,
+            "warmup_s": config.warmup_s,
+            "stability": config.stability,
+            "max_windows": config.max_windows,
+            "stability_tolerance": config.stability_tolerance,
+            "limit": config.limit,
+            "seed": config.seed,
+            "timeout_s": conn.timeout_s,
+            "channels": conn.channels,
+            "max_inflight": config.max_inflight,
+            "late_ms": config.late_ms,
+            "generators": config.generators,
+        },
+        "distributed": coordinator.describe(),
+    }

@@ -1,0 +1,134 @@
+"""Load generator statistics: percentiles, window selection, aggregation, stability rule."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from loadgen.stats import (
+    DROPPED,
+    OK,
+    Record,
+    Recorder,
+    WindowStat,
+    in_window,
+    is_stable,
+    percentile,
+    percentiles,
+    summarize,
+)
+
+
+def rec(latency_ms: float, status: str = OK, **kw) -> Record:
+    fields = {
+        "item_id": "u1",
+        "worker": "local",
+        "sent_ts": 100.0,
+        "latency_ms": latency_ms,
+        "status": status,
+        "audio_s": 10.0,
+    }
+    fields.update(kw)
+    return Record(**fields)
+
+
+def test_percentiles_on_known_data():
+    data = list(range(1, 101))  # 1..100
+    assert percentiles(data, [0, 50, 90, 99, 100]) == pytest.approx([1, 50.5, 90.1, 99.01, 100])
+    # Same method as numpy's default (linear interpolation between closest ranks).
+    rng = np.random.default_rng(0)
+    sample = rng.lognormal(6, 0.5, 997).tolist()
+    for q in (50, 90, 95, 99):
+        assert percentile(sample, q) == pytest.approx(float(np.percentile(sample, q)))
+
+
+def test_percentiles_of_one_value_and_of_none():
+    assert percentiles([42.0], [50, 99]) == [42.0, 42.0]
+    assert all(math.isnan(v) for v in percentiles([], [50, 99]))
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_window_holds_its_send_times_half_open():
+    records = [rec(1, sent_ts=t) for t in (9.999, 10.0, 15.0, 19.999, 20.0)]
+    assert [r.sent_ts for r in in_window(records, 10.0, 20.0)] == [10.0, 15.0, 19.999]
+
+
+def test_summarize_counts_and_rates():
+    records = [
+        rec(100, queue_ms=10, infer_ms=80, server_ms=95, batch_size=1, worker="w0"),
+        rec(200, queue_ms=20, infer_ms=90, server_ms=190, batch_size=3, worker="w1"),
+        rec(300, queue_ms=30, infer_ms=100, server_ms=290, batch_size=2, worker="w1"),
+        rec(5, status="RESOURCE_EXHAUSTED", worker="w0"),
+        rec(7, status="UNAVAILABLE"),
+        rec(float("nan"), status=DROPPED, late_ms=50.0),
+        rec(400, late_ms=30.0, queue_ms=40, infer_ms=110, server_ms=380, batch_size=2),
+    ]
+    s = summarize(records, 2.0, level=3, mode="open", rate=4.0, late_ms=20.0)
+    assert (s.level, s.mode, s.rate, s.concurrency) == (3, "open", 4.0, None)
+    assert s.requests == 6  # dropped arrivals were never sent
+    assert (s.errors, s.dropped, s.late) == (2, 1, 2)
+    assert s.rps == pytest.approx(4 / 2.0)
+    assert s.audio_s_per_s == pytest.approx(40.0 / 2.0)
+    # Latency percentiles over successes only: a fast rejection does not make a level look quick.
+    assert s.p50_ms == pytest.approx(250.0)
+    assert s.max_ms == 400.0
+    assert s.p50_ms <= s.p90_ms <= s.p95_ms <= s.p99_ms <= s.max_ms
+    assert s.queue_p50_ms == pytest.approx(25.0)
+    assert s.infer_p50_ms == pytest.approx(95.0)
+    assert s.overhead_p50_ms == pytest.approx(10.0)  # latency minus server total: 5, 10, 10, 20
+    assert s.batch_size_mean == pytest.approx(2.0)
+    assert s.errors_by_code == {"RESOURCE_EXHAUSTED": 1, "UNAVAILABLE": 1}
+    assert s.requests_by_worker == {"w0": 2, "w1": 2, "local": 2}
+    assert s.wer is None  # no references given
+
+
+def test_summarize_word_error_rate_uses_whisper_normalizer():
+    references = {"a": "HELLO MISTER SMITH", "b": "THE COLOUR RED"}
+    records = [
+        rec(100, item_id="a", transcript="Hello, Mr. Smith."),  # normalizes to a perfect match
+        rec(100, item_id="b", transcript="the color blue"),  # colour/color unified; one sub
+        rec(100, item_id="c", transcript="no reference for this one"),
+    ]
+    s = summarize(records, 1.0, level=0, mode="closed", concurrency=1, references=references)
+    assert s.wer == pytest.approx(1 / 6)
+
+
+def test_summarize_empty_window():
+    s = summarize([], 5.0, level=0, mode="closed", concurrency=8)
+    assert (s.requests, s.errors, s.rps) == (0, 0, 0.0)
+    assert math.isnan(s.p99_ms)
+
+
+def test_stability_rule_three_windows_within_tolerance():
+    steady = [WindowStat(10.0, 500.0), WindowStat(10.5, 520.0), WindowStat(9.8, 480.0)]
+    assert is_stable(steady, 0.10)
+    assert not is_stable(steady[:2], 0.10)  # needs three
+    assert not is_stable([*steady[:2], WindowStat(13.0, 500.0)], 0.10)  # throughput jumped
+    assert not is_stable([*steady[:2], WindowStat(10.0, 800.0)], 0.10)  # p99 jumped
+    assert is_stable([WindowStat(1.0, 9e9), *steady], 0.10)  # only the last three count
+    assert not is_stable([WindowStat(0.0, float("nan"))] * 3, 0.10)
+
+
+def test_recorder_keeps_only_its_own_events_and_round_trips_rows():
+    recorder = Recorder()
+    fields = {
+        "item_id": "x",
+        "worker": "w1",
+        "sent_ts": 1.5,
+        "latency_ms": 12.0,
+        "status": OK,
+        "audio_s": 3.0,
+        "transcript": "hi",
+    }
+    recorder.on_request(request_type="grpc", name="Recognize", context={"loadgen": fields})
+    recorder.on_request(request_type="GET", name="/other", context={})
+    recorder.on_request(request_type="GET", name="/none")
+    assert len(recorder.peek()) == 1
+    rows = recorder.take_rows()
+    assert recorder.take() == []
+    other = Recorder()
+    other.extend(rows)
+    assert other.take() == [Record(**fields)]
