@@ -63,7 +63,7 @@ class ServerHandle:
         self.batcher = MicroBatcher(
             model.run_batch,
             self.worker,
-            BatcherConfig(s.max_batch_size, s.max_wait_ms, s.max_queue_size),
+            BatcherConfig(s.max_batch_size, s.max_wait_ms, s.max_queue_size, s.max_prepare_wait_ms),
             on_batch=self.metrics.observe_batch,
         )
         self.batcher.start()

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -67,12 +68,15 @@ class BatcherConfig:
     max_batch_size: int = 8
     max_wait_ms: float = 10.0
     max_queue_size: int = 256
+    # A batch that isn't full may wait up to this long (from its oldest item) for requests that
+    # have arrived and are still being decoded, instead of leaving without them.
+    max_prepare_wait_ms: float = 100.0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, not {self.max_batch_size}")
-        if self.max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, not {self.max_wait_ms}")
+        if self.max_wait_ms < 0 or self.max_prepare_wait_ms < 0:
+            raise ValueError("max_wait_ms and max_prepare_wait_ms must be >= 0")
         if self.max_queue_size < self.max_batch_size:
             raise ValueError("max_queue_size must be >= max_batch_size")
 
@@ -92,6 +96,7 @@ class MicroBatcher(Generic[In, Out]):
         self._accepting = True
         self._running = 0  # items in the batch now on the worker
         self._batches_run = 0
+        self._preparing = 0  # requests that arrived and are being decoded, not yet queued
         self._idle = asyncio.Event()  # set while nothing is queued or running
         self._idle.set()
 
@@ -120,6 +125,19 @@ class MicroBatcher(Generic[In, Out]):
             for fut in futures:
                 fut.cancel()
             raise
+
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Announce a request that has arrived and is being prepared (decoding, features):
+        a batch that isn't full waits for it, up to max_prepare_wait_ms. Without this, the
+        closed-loop clients of a finished batch come back a few milliseconds apart, the
+        first ones leave in a small batch and the batch size never recovers."""
+        self._preparing += 1
+        try:
+            yield
+        finally:
+            self._preparing -= 1
+            self._arrived.set()
 
     def enqueue(
         self, items: list[In], deadline: float | None = None, background: bool = False
@@ -181,11 +199,14 @@ class MicroBatcher(Generic[In, Out]):
                 await self._run(batch)
 
     async def _wait_for_batch(self) -> None:
-        """Wait until the batch is full or the oldest item has waited max_wait_ms."""
+        """Wait until the batch is full or the oldest item has waited max_wait_ms (or, while
+        announced requests are still being prepared, max_prepare_wait_ms)."""
         max_wait_s = self.config.max_wait_ms / 1000
+        prepare_wait_s = max(max_wait_s, self.config.max_prepare_wait_ms / 1000)
         while self.depth < self.config.max_batch_size and self._accepting:
             oldest = min(q[0].enqueued for q in (self._queue, self._background) if q)
-            remaining = oldest + max_wait_s - time.monotonic()
+            wait_s = prepare_wait_s if self._preparing else max_wait_s
+            remaining = oldest + wait_s - time.monotonic()
             if remaining <= 0:
                 return
             self._arrived.clear()

@@ -30,6 +30,7 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     "dtype": (str, "auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16"),
     "max-batch-size": (int, "most 30 s windows per model call"),
     "max-wait-ms": (float, "longest a batch waits to fill after its first item, ms"),
+    "max-prepare-wait-ms": (float, "longest a batch waits for requests still being decoded, ms"),
     "max-queue-size": (int, "windows allowed to wait; beyond: RESOURCE_EXHAUSTED"),
     "max-audio-s": (float, "longest audio accepted per request, seconds"),
     "max-message-mb": (float, "largest gRPC message accepted, MiB"),

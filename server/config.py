@@ -39,6 +39,9 @@ class Settings:
     """Most 30 s windows in one model call, 1..256."""
     max_wait_ms: float = 10.0
     """Longest a batch waits to fill after its first item arrived, 0..10000 ms."""
+    max_prepare_wait_ms: float = 100.0
+    """A batch that isn't full may wait up to this long for requests already received and
+    still being decoded, 0..10000 ms (never less than max_wait_ms)."""
     max_queue_size: int = 256
     """Windows waiting for the model; beyond it requests get RESOURCE_EXHAUSTED, 1..100000."""
     max_audio_s: float = 600.0
@@ -83,6 +86,7 @@ class Settings:
         _check_range("port", self.port, 0, 65535)
         _check_range("max_batch_size", self.max_batch_size, 1, 256)
         _check_range("max_wait_ms", self.max_wait_ms, 0, 10_000)
+        _check_range("max_prepare_wait_ms", self.max_prepare_wait_ms, 0, 10_000)
         _check_range("max_queue_size", self.max_queue_size, 1, 100_000)
         _check_range("max_audio_s", self.max_audio_s, 1, 14_400)
         _check_range("max_message_mb", self.max_message_mb, 1, 2047)

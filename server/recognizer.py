@@ -100,8 +100,11 @@ class Recognizer:
     ) -> Recognition:
         started = time.monotonic()
         self.model.check_options(options)
-        samples = await asyncio.to_thread(decode, content, fmt, self.max_audio_s)
-        return await self.recognize_samples(samples, options, deadline, started)
+        with self.batcher.preparing():
+            samples = await asyncio.to_thread(decode, content, fmt, self.max_audio_s)
+            windows = split_windows(samples)
+            tasks = await asyncio.to_thread(self._tasks, self._voiced(windows), options)
+        return await self._run(samples, windows, tasks, options, deadline, started)
 
     async def recognize_samples(
         self,
@@ -117,14 +120,28 @@ class Recognizer:
         batched after everything else."""
         started = time.monotonic() if started is None else started
         windows = split_windows(samples)
-        voiced = [w for w in windows if not self.gate.is_silent(w.samples)]
+        tasks = await asyncio.to_thread(self._tasks, self._voiced(windows), options)
+        return await self._run(
+            samples, windows, tasks, options, deadline, started, offset_s, background
+        )
+
+    async def _run(
+        self,
+        samples: np.ndarray,
+        windows: list[Window],
+        tasks: list[tuple[Window, WindowTask]],
+        options: DecodeOptions,
+        deadline: float | None,
+        started: float,
+        offset_s: float = 0.0,
+        background: bool = False,
+    ) -> Recognition:
         results: list[Batched[WindowResult]] = []
-        if voiced:
-            tasks = await asyncio.to_thread(self._tasks, voiced, options)
-            results = await self.batcher.submit_many(tasks, deadline, background)
+        if tasks:
+            results = await self.batcher.submit_many([t for _, t in tasks], deadline, background)
         segments = [
             _segment(w, r.value, offset_s)
-            for w, r in zip(voiced, results, strict=True)
+            for (w, _), r in zip(tasks, results, strict=True)
             if r.value.no_speech_prob <= self.gate.no_speech_threshold
         ]
         timing = Timing(
@@ -142,8 +159,15 @@ class Recognizer:
         """True when a full batch is already waiting: best-effort work should be skipped."""
         return self.batcher.depth >= self.batcher.config.max_batch_size
 
-    def _tasks(self, windows: list[Window], options: DecodeOptions) -> list[WindowTask]:
-        return [WindowTask(self.model.prepare(w.samples), w.duration_s, options) for w in windows]
+    def _voiced(self, windows: list[Window]) -> list[Window]:
+        return [w for w in windows if not self.gate.is_silent(w.samples)]
+
+    def _tasks(
+        self, windows: list[Window], options: DecodeOptions
+    ) -> list[tuple[Window, WindowTask]]:
+        return [
+            (w, WindowTask(self.model.prepare(w.samples), w.duration_s, options)) for w in windows
+        ]
 
 
 def _segment(window: Window, result: WindowResult, offset_s: float) -> Segment:

@@ -214,3 +214,27 @@ async def test_background_items_wait_behind_urgent_ones(worker):
     await asyncio.gather(first, interim, finals)
     assert fn.batches == [[0], [1, 2], [7]]  # queued later, served first
     await b.stop()
+
+
+async def test_a_batch_waits_for_requests_still_being_prepared(worker):
+    fn = Recorder()
+    b = MicroBatcher(fn, worker, BatcherConfig(4, 0, 16, max_prepare_wait_ms=10_000))
+    b.start()
+    with b.preparing():  # a second request has arrived and is still decoding its audio
+        first = asyncio.ensure_future(b.submit(1))
+        await asyncio.sleep(0.05)  # long past max_wait_ms=0: without the announcement, [1] runs
+        second = asyncio.ensure_future(b.submit(2))
+        await asyncio.sleep(0)
+    assert [(await first).value, (await second).value] == [10, 20]
+    assert fn.batches == [[1, 2]]
+    await b.stop()
+
+
+async def test_without_announcements_the_window_closes_at_max_wait(worker):
+    fn = Recorder()
+    b = MicroBatcher(fn, worker, BatcherConfig(4, 0, 16, max_prepare_wait_ms=10_000))
+    b.start()
+    first = asyncio.ensure_future(b.submit(1))
+    await asyncio.to_thread(fn.entered.wait, 10)  # it ran alone, without waiting
+    assert (await first).value == 10 and fn.batches == [[1]]
+    await b.stop()
