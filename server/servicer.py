@@ -219,8 +219,8 @@ def _timing(t: Timing) -> asr_pb2.ServerTiming:
     )
 
 
-def _result(segment: Segment) -> asr_pb2.SpeechRecognitionResult:
-    words = [
+def _words(segment: Segment) -> list[asr_pb2.WordInfo]:
+    return [
         asr_pb2.WordInfo(
             start_time=_duration(w.start_s),
             end_time=_duration(w.end_s),
@@ -229,8 +229,11 @@ def _result(segment: Segment) -> asr_pb2.SpeechRecognitionResult:
         )
         for w in segment.words
     ]
+
+
+def _result(segment: Segment) -> asr_pb2.SpeechRecognitionResult:
     alternative = asr_pb2.SpeechRecognitionAlternative(
-        transcript=segment.text, confidence=segment.confidence, words=words
+        transcript=segment.text, confidence=segment.confidence, words=_words(segment)
     )
     return asr_pb2.SpeechRecognitionResult(
         alternatives=[alternative],
@@ -270,7 +273,7 @@ def _alternative(
 ) -> asr_pb2.SpeechRecognitionAlternative:
     if recognition is None:
         return asr_pb2.SpeechRecognitionAlternative(transcript=text)
-    words = [w for segment in recognition.segments for w in _result(segment).alternatives[0].words]
+    words = [w for segment in recognition.segments for w in _words(segment)]
     confidences = [s.confidence for s in recognition.segments]
     return asr_pb2.SpeechRecognitionAlternative(
         transcript=text, confidence=sum(confidences) / len(confidences), words=words

@@ -147,17 +147,14 @@ class Utterance:
 
     def take(self, samples: int) -> tuple[np.ndarray, float]:
         """Remove the first `samples` as a finished utterance; the rest starts the next one."""
-        head, self.audio = self.audio[:samples], self.audio[samples:]
+        head, rest = self.audio[:samples], self.audio[samples:]
         start = self.start_s
         self.start_s += samples / SAMPLE_RATE
-        self.committed, self.last_hypothesis = [], []
-        self.new_since_decode_s = len(self.audio) / SAMPLE_RATE
-        rest = self.audio
         self.audio = np.zeros(0, dtype=np.float32)
+        self.committed, self.last_hypothesis = [], []
         self.speech_seen, self.trailing_silence_s = False, 0.0
-        if len(rest):
-            self.push(rest)  # re-classify what was carried over
-            self.new_since_decode_s = len(self.audio) / SAMPLE_RATE
+        self.push(rest)  # re-classify what was carried over
+        self.new_since_decode_s = len(self.audio) / SAMPLE_RATE
         return head, start
 
     def agree(self, text: str) -> tuple[str, float]:
