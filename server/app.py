@@ -23,11 +23,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
-from server.batcher import BatcherConfig, MicroBatcher
+from server.batcher import WindowBatcher
 from server.config import Settings
+from server.engines import build_batcher, uses_continuous
 from server.interceptors import ErrorInterceptor
 from server.metrics import Metrics
-from server.models.base import SpeechModel, WindowResult, WindowTask
+from server.models.base import SpeechModel
 from server.recognizer import Recognizer, SpeechGate
 from server.servicer import SpeechServicer
 
@@ -51,7 +52,7 @@ class ServerHandle:
     worker: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="model-worker")
     )
-    batcher: MicroBatcher[WindowTask, WindowResult] | None = None
+    batcher: WindowBatcher | None = None
 
     async def set_health(self, status: int) -> None:
         for service in ("", SPEECH_SERVICE):
@@ -60,15 +61,17 @@ class ServerHandle:
     async def serve_model(self, model: SpeechModel) -> None:
         """Put a loaded (and warmed) model behind the servicer and report SERVING."""
         s = self.settings
-        self.batcher = MicroBatcher(
-            model.run_batch,
-            self.worker,
-            BatcherConfig(s.max_batch_size, s.max_wait_ms, s.max_queue_size, s.max_prepare_wait_ms),
-            on_batch=self.metrics.observe_batch,
-        )
-        self.batcher.start()
-        batcher = self.batcher
+        batcher = build_batcher(s, model, self.worker, self.metrics.observe_batch)
+        self.batcher = batcher
+        batcher.start()
         self.metrics.queue_depth.set_function(lambda: batcher.depth)
+        if uses_continuous(s, model):
+            from server.models.continuous import ContinuousEngine  # torch is loaded by now
+
+            assert isinstance(batcher, ContinuousEngine)
+            self.metrics.watch_engine(batcher.stats)
+            if s.warmup:  # its slot caches and step kernels, on top of the model's warm-up
+                await batcher.warmup([1, s.max_batch_size])
         gate = SpeechGate(s.no_speech_threshold, s.silence_dbfs)
         self.servicer.recognizer = Recognizer(model, self.batcher, s.max_audio_s, gate)
         await self.set_health(SERVING)

@@ -12,6 +12,10 @@
   length mismatch fails every item of that batch (and only that batch), and the loop goes on.
 - The batch function runs on the executor given (one thread: the owner of the accelerator);
   the event loop never blocks on it. Results are set only on futures that are not done.
+
+`WindowBatcher` is the interface the recognizer and streams use; `MicroBatcher` (batched
+`generate`) and `server.models.continuous.ContinuousEngine` (iteration-level batching of the
+decoder) both provide it.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from server.errors import BatchError, DeadlineExceededError, QueueFullError, UnavailableError
+from server.models.base import WindowResult, WindowTask
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,43 @@ class BatchStats:
     queue_s: list[float]
     infer_s: float
     ok: bool
+
+
+class _Limits(Protocol):
+    @property
+    def max_batch_size(self) -> int:
+        """Windows that make a full batch: more waiting means best-effort work should wait."""
+        ...
+
+
+class WindowBatcher(Protocol):
+    """What callers of a batcher rely on: bounded all-or-nothing queueing, background
+    priority, cancellation and deadlines, announced requests, and a drain on shutdown."""
+
+    @property
+    def config(self) -> _Limits: ...
+
+    @property
+    def depth(self) -> int: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    async def submit_many(
+        self, items: list[WindowTask], deadline: float | None = None, background: bool = False
+    ) -> list[Batched[WindowResult]]: ...
+
+    def enqueue(
+        self, items: list[WindowTask], deadline: float | None = None, background: bool = False
+    ) -> list[asyncio.Future[Batched[WindowResult]]]: ...
+
+    def preparing(self) -> AbstractContextManager[None]: ...
+
+    def start(self) -> None: ...
+
+    async def drain(self, timeout_s: float) -> bool: ...
+
+    async def stop(self) -> None: ...
 
 
 @dataclass

@@ -237,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--concurrency", default="1,4,8", help="unary levels ('' for none)")
     parser.add_argument("--streams", default="1,4,8", help="real-time stream levels ('' for none)")
+    parser.add_argument("--engine", default="continuous", help="the server's --engine")
+    parser.add_argument("--max-active", type=int, default=16, help="the server's --max-active")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--min-s", type=float, default=8.0, help="shortest clip used, s")
@@ -254,12 +256,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings(
         model=args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-        max_queue_size=max(256, args.max_batch_size), metrics_port=-1,
+        max_queue_size=max(256, args.max_batch_size), metrics_port=-1, engine=args.engine,
+        max_active=args.max_active,
     )  # fmt: skip
     clips = load_clips(args.dataset, args.min_s, args.max_s, args.files)
     print(
         f"{len(clips)} clips, {_audio(clips):.0f} s of audio, {args.rounds} round(s); "
-        f"model {args.model}, max batch {args.max_batch_size}, max wait {args.max_wait_ms} ms",
+        f"model {args.model}, {args.engine} engine, max batch {args.max_batch_size}, "
+        f"max wait {args.max_wait_ms} ms",
         file=sys.stderr,
     )
     model = load_model(settings)

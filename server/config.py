@@ -14,6 +14,7 @@ from pathlib import Path
 DEFAULT_MODEL = "tiny.en"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+ENGINES = ("continuous", "generate")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
 
@@ -35,8 +36,16 @@ class Settings:
     """`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:N`."""
     dtype: str = "auto"
     """`auto` (float16 on GPU, float32 on CPU), `float32`, `float16`, `bfloat16`."""
+    engine: str = "continuous"
+    """How windows are batched: `continuous` (the decoder runs one token at a time over every
+    window in flight; windows join and leave between steps) or `generate` (micro-batches of
+    whole windows through transformers' `generate`). Models without a continuous runtime
+    (the fake test model) always use `generate`."""
     max_batch_size: int = 8
-    """Most 30 s windows in one model call, 1..256."""
+    """Most 30 s windows in one model call (with `continuous`: in one encoder pass), 1..256."""
+    max_active: int = 16
+    """With `continuous`: most windows decoding at once (each holds its decoder caches,
+    about 23 MiB for tiny.en in fp32, 305 MiB for large-v3 in fp16), 1..1024."""
     max_wait_ms: float = 10.0
     """Longest a batch waits to fill after its first item arrived, 0..10000 ms."""
     max_prepare_wait_ms: float = 100.0
@@ -85,6 +94,7 @@ class Settings:
     def __post_init__(self) -> None:
         _check_range("port", self.port, 0, 65535)
         _check_range("max_batch_size", self.max_batch_size, 1, 256)
+        _check_range("max_active", self.max_active, 1, 1024)
         _check_range("max_wait_ms", self.max_wait_ms, 0, 10_000)
         _check_range("max_prepare_wait_ms", self.max_prepare_wait_ms, 0, 10_000)
         _check_range("max_queue_size", self.max_queue_size, 1, 100_000)
@@ -110,6 +120,8 @@ class Settings:
             )
         if not _DEVICE_RE.match(self.device):
             raise SettingsError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        if self.engine not in ENGINES:
+            raise SettingsError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
         if self.dtype not in DTYPES:
             raise SettingsError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.log_level.upper() not in LOG_LEVELS:

@@ -6,9 +6,13 @@ one process. Names and meanings are listed in the README ("Metrics").
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from server.batcher import BatchStats
 
@@ -80,7 +84,45 @@ class Metrics:
         if not stats.ok:
             self.batch_failures.inc()
 
+    def watch_engine(self, stats: Callable[[], Any]) -> None:
+        """Export the continuous engine's counters (`EngineStats`), read at scrape time."""
+        self.registry.register(_EngineCollector(stats))
+
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Start the /metrics HTTP endpoint; returns the bound port (port 0 picks one)."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         return int(server.server_address[1])
+
+
+class _EngineCollector(Collector):
+    """The continuous decode engine's own counters: it keeps running totals, and a scrape
+    reads them, so the decode loop never touches a Prometheus object."""
+
+    def __init__(self, stats: Callable[[], Any]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        yield GaugeMetricFamily(
+            "asr_decode_active_sequences", "Windows in the running decode batch.", s.active
+        )
+        counters = (
+            ("asr_decode_steps", "Decoder steps run (rate: steps per second).", s.decode_steps),
+            ("asr_decode_step_rows", "Sum over steps of the rows in each step "
+             "(over asr_decode_steps: the mean decode batch).", s.step_rows),
+            ("asr_decode_tokens", "Tokens generated (rate: tokens per second).",
+             s.tokens_generated),
+            ("asr_decode_sequences", "Windows that finished decoding.", s.sequences_finished),
+            ("asr_decode_fallback_windows", "Windows decoded by generate (beam search, "
+             "temperature, prompt, word times, language detection).", s.fallback_windows),
+        )  # fmt: skip
+        for name, doc, value in counters:
+            yield CounterMetricFamily(name, doc, value)
+        seconds = CounterMetricFamily(
+            "asr_decode_seconds", "Model worker time by phase: encode (encoder and prompt "
+            "passes), decode (steps), fallback (generate).", labels=["phase"],
+        )  # fmt: skip
+        seconds.add_metric(["encode"], s.join_s)
+        seconds.add_metric(["decode"], s.decode_s)
+        seconds.add_metric(["fallback"], s.fallback_s)
+        yield seconds

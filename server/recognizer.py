@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.audio import SAMPLE_RATE, AudioFormat, Window, decode, split_windows
-from server.batcher import Batched, MicroBatcher
+from server.batcher import Batched, WindowBatcher
 from server.models.base import DecodeOptions, SpeechModel, WindowResult, WindowTask, Word
 
 
@@ -82,7 +82,7 @@ class Recognizer:
     def __init__(
         self,
         model: SpeechModel,
-        batcher: MicroBatcher[WindowTask, WindowResult],
+        batcher: WindowBatcher,
         max_audio_s: float,
         gate: SpeechGate | None = None,
     ) -> None:

@@ -11,9 +11,10 @@ on it (LocalAgreement-2), and later interims always start with the committed wor
 is the committed share of the interim text. Only the worker thread touches the model: this
 module only awaits the shared Recognizer.
 
-Two tasks per stream: a reader that pulls audio off the wire (and stops pulling when
-`buffer_s` of audio is waiting, so gRPC flow control slows a client sending faster than real
-time), and the decode loop in `run_stream`, which is an async generator of StreamEvents.
+Tasks per stream: a reader that pulls audio off the wire (and stops pulling when `buffer_s`
+of audio is waiting, so gRPC flow control slows a client sending faster than real time), the
+decode loop in `run_stream` (an async generator of StreamEvents, which awaits finals), and at
+most one interim re-decode at a time, which a final cancels rather than waits for.
 """
 
 from __future__ import annotations
@@ -288,40 +289,68 @@ async def run_stream(
     on_final: Callable[[float], None] | None = None,
 ) -> AsyncIterator[StreamEvent]:
     """The decode loop of one stream. `on_final(latency_s)` reports, for each final, the time
-    from the end of its audio on the wire (endpoint or half-close) to the result."""
+    from the end of its audio on the wire (endpoint or half-close) to the result.
+
+    An interim re-decode runs as a task beside the loop, so audio keeps arriving while it
+    decodes; when an utterance ends, a running interim is cancelled (with the continuous
+    engine it leaves the decode batch at the next step) so that the final never waits for
+    a result that is about to be outdated."""
     reader = _Reader(chunks, cfg, limits)
     reading = asyncio.create_task(reader.run(), name="stream-reader")
     utterance = Utterance(cfg)
+    interim: _Interim | None = None
+    changed = asyncio.ensure_future(reader.changed.wait())
+    closing = False
     try:
         while True:
-            await reader.changed.wait()
-            reader.changed.clear()
-            utterance.push(reader.drain())
-            closing = reader.closed and not reader.pending
-            if reader.closed and reading.done() and reading.exception() is not None:
-                raise reading.exception()  # type: ignore[misc]
-            async for event in _decode_ready(utterance, recognizer, cfg, closing, reader):
-                if event.result is not None and event.result.is_final and on_final:
+            await asyncio.wait(
+                [changed, *([interim.task] if interim else [])],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if interim is not None and interim.task.done():
+                event = interim.event(utterance)
+                interim = None
+                if event is not None:
+                    yield event
+            if changed.done():
+                reader.changed.clear()
+                changed = asyncio.ensure_future(reader.changed.wait())
+                utterance.push(reader.drain())
+                closing = reader.closed and not reader.pending
+                if reader.closed and reading.done() and reading.exception() is not None:
+                    raise reading.exception()  # type: ignore[misc]
+            if interim is not None and utterance.endpoint(closing) is not None:
+                await interim.cancel()
+                interim = None
+            async for event in _finals(utterance, recognizer, cfg, closing):
+                if event.result is not None and on_final:
                     on_final(time.monotonic() - (reader.last_audio_at or time.monotonic()))
                 yield event
                 if event.end_of_single_utterance:
                     return
             if closing:
                 return
+            # Interims are best effort: one at a time per stream, skipped while more audio is
+            # waiting to be read or the server has a full batch queued (they'd only delay
+            # finals), and batched after urgent work.
+            if (
+                interim is None
+                and utterance.wants_interim()
+                and not (reader.pending or recognizer.backlogged)
+            ):
+                interim = _Interim.start(utterance, recognizer, cfg)
     finally:
-        reading.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await reading
+        for task in (changed, reading, interim.task if interim else None):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
 
-async def _decode_ready(
-    utterance: Utterance,
-    recognizer: Recognizer,
-    cfg: StreamSettings,
-    closing: bool,
-    reader: _Reader,
+async def _finals(
+    utterance: Utterance, recognizer: Recognizer, cfg: StreamSettings, closing: bool
 ) -> AsyncIterator[StreamEvent]:
-    """Finals for every endpoint in the audio so far, then at most one interim."""
+    """Finals for every endpoint in the audio so far (then END_OF_SINGLE_UTTERANCE if asked)."""
     while (cut := utterance.endpoint(closing)) is not None:
         samples, start_s = utterance.take(cut)
         result = await recognizer.recognize_samples(samples, cfg.options, offset_s=start_s)
@@ -335,15 +364,38 @@ async def _decode_ready(
                 return
         if closing and not utterance.speech_seen:
             return
-    # Interims are best effort: skipped while more audio is waiting to be read or the server
-    # has a full batch queued (they'd only delay finals), and batched after urgent work.
-    if utterance.wants_interim() and not (reader.pending or closing or recognizer.backlogged):
+
+
+@dataclass
+class _Interim:
+    """A re-decode of the utterance so far, running beside the stream's loop."""
+
+    task: asyncio.Task[Recognition]
+    start_s: float
+    end_s: float
+
+    @classmethod
+    def start(cls, utterance: Utterance, recognizer: Recognizer, cfg: StreamSettings) -> _Interim:
         utterance.new_since_decode_s = 0.0
+        decode = recognizer.recognize_samples(utterance.audio, cfg.options, background=True)
         start_s = utterance.start_s
-        result = await recognizer.recognize_samples(utterance.audio, cfg.options, background=True)
-        if result.text:
-            text, stability = utterance.agree(result.text)
-            end_s = start_s + utterance.duration_s
-            language = result.segments[0].language
-            interim = StreamResult(text, False, stability, start_s, end_s, language)
-            yield StreamEvent(interim, timing=result.timing)
+        return cls(asyncio.ensure_future(decode), start_s, start_s + utterance.duration_s)
+
+    def event(self, utterance: Utterance) -> StreamEvent | None:
+        """The interim result to send, if any. A full queue only skips this interim (best
+        effort); any other failure ends the stream."""
+        try:
+            result = self.task.result()
+        except QueueFullError:
+            return None
+        if not result.text:
+            return None
+        text, stability = utterance.agree(result.text)
+        language = result.segments[0].language
+        interim = StreamResult(text, False, stability, self.start_s, self.end_s, language)
+        return StreamEvent(interim, timing=result.timing)
+
+    async def cancel(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self.task

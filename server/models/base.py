@@ -72,6 +72,9 @@ class SpeechModel(ABC):
     """A loaded speech model behind the batch interface."""
 
     info: ModelInfo
+    # Whether `server.models.continuous` can decode this model step by step (a transformers
+    # Whisper); others are served by batched `run_batch` calls only.
+    supports_continuous: bool = False
 
     @abstractmethod
     def prepare(self, samples: np.ndarray) -> np.ndarray:

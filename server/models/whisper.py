@@ -64,6 +64,8 @@ class _Decoded:
 
 
 class WhisperModel(SpeechModel):
+    supports_continuous = True  # server.models.decoder_step drives its decoder directly
+
     def __init__(
         self,
         checkpoint: str,

@@ -28,6 +28,8 @@ def test_defaults_are_valid():
         ({"device": "cpu", "dtype": "float16"}, "float16 needs a GPU"),
         ({"log_level": "LOUD"}, "log_level"),
         ({"model": " "}, "model"),
+        ({"engine": "vllm"}, "engine must be one of continuous, generate"),
+        ({"max_active": 0}, "max_active"),
     ],
 )
 def test_invalid_settings_are_named(changes, message):
@@ -56,3 +58,22 @@ def test_cli_exits_non_zero_with_a_message_before_loading_anything():
     assert proc.returncode == 2
     assert "max_batch_size must be between 1 and 256" in proc.stderr
     assert "torch" not in proc.stderr
+
+
+def test_engine_flag_and_variable():
+    assert Settings().engine == "continuous"
+    assert parse_settings(["--engine", "generate"], {}).engine == "generate"
+    s = parse_settings([], {"WHISPER_GRPC_ENGINE": "generate", "WHISPER_GRPC_MAX_ACTIVE": "64"})
+    assert (s.engine, s.max_active) == ("generate", 64)
+
+
+def test_a_model_without_a_continuous_runtime_gets_the_micro_batcher():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from server.batcher import MicroBatcher
+    from server.engines import build_batcher
+    from server.models.fake import FakeModel
+
+    with ThreadPoolExecutor(1) as worker:
+        batcher = build_batcher(Settings(engine="continuous"), FakeModel(), worker)
+    assert isinstance(batcher, MicroBatcher)

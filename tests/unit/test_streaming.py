@@ -212,3 +212,59 @@ def test_idle_stream_is_closed_with_deadline_exceeded():
     finally:
         release.set()
         server.stop()
+
+
+# -- the decode loop against a scripted recognizer ---------------------------------------------
+class ScriptedRecognizer:
+    """Finals answer at once; interims (background decodes) hang until cancelled."""
+
+    backlogged = False
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.interim_started = asyncio.Event()
+        self.interim_cancelled = asyncio.Event()
+
+    async def recognize_samples(self, samples, options, background=False, offset_s=0.0):
+        import asyncio
+
+        from server.recognizer import Recognition, Segment, Timing
+
+        if background:
+            self.interim_started.set()
+            try:
+                await asyncio.Event().wait()  # a decode that would take forever
+            except asyncio.CancelledError:
+                self.interim_cancelled.set()
+                raise
+        seconds = len(samples) / 16_000
+        segment = Segment(f"{seconds:.1f} s", offset_s, offset_s + seconds, "en", 0.9, 0.0, ())
+        return Recognition([segment], Timing(0.0, 0.0, 0.0, 1, seconds, 1))
+
+
+async def test_a_final_cancels_the_running_interim_instead_of_waiting_for_it():
+    import asyncio
+
+    from server.streaming import StreamLimits, run_stream
+
+    recognizer = ScriptedRecognizer()
+    half_close = asyncio.Event()
+
+    async def chunks():
+        yield pcm(tone(300, 1.5, 16_000))
+        await half_close.wait()
+
+    stream = run_stream(chunks(), cfg(interim_results=True), recognizer, StreamLimits())
+    events = []
+
+    async def consume():
+        async for event in stream:
+            events.append(event)
+
+    consumer = asyncio.ensure_future(consume())
+    await asyncio.wait_for(recognizer.interim_started.wait(), 10)
+    half_close.set()
+    await asyncio.wait_for(consumer, 10)
+    assert recognizer.interim_cancelled.is_set()
+    assert [(e.result.text, e.result.is_final) for e in events] == [("1.5 s", True)]

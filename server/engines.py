@@ -1,0 +1,49 @@
+"""Settings and a loaded model -> the batcher that feeds the model (the `engine` setting).
+
+`continuous` (the default) is iteration-level batching of the decoder
+(`server.models.continuous`): windows join and leave the running decode batch between steps,
+so nobody waits for the longest transcript of a batch. `generate` is the plain micro-batcher
+(`server.batcher`) over the model's `run_batch`. A model without a continuous runtime (the fake
+model of the tests) always gets the micro-batcher.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+from server.batcher import BatcherConfig, BatchStats, MicroBatcher, WindowBatcher
+from server.config import Settings
+from server.models.base import SpeechModel
+
+log = logging.getLogger(__name__)
+
+
+def uses_continuous(settings: Settings, model: SpeechModel) -> bool:
+    return settings.engine == "continuous" and model.supports_continuous
+
+
+def build_batcher(
+    settings: Settings,
+    model: SpeechModel,
+    executor: Executor,
+    on_batch: Callable[[BatchStats], None] | None = None,
+) -> WindowBatcher:
+    """The engine the settings ask for, running the model on `executor` (the model worker)."""
+    s = settings
+    if uses_continuous(s, model):
+        # Imported here: it needs torch, which the fake-model paths never load.
+        from server.models.continuous import ContinuousEngine, EngineConfig
+
+        config = EngineConfig(
+            max_active=s.max_active, max_encoder_batch=s.max_batch_size,
+            max_queue_size=s.max_queue_size,
+        )  # fmt: skip
+        return ContinuousEngine(model, executor, config, on_batch)
+    if s.engine == "continuous":
+        log.info("%s has no continuous decoder: using the generate engine", type(model).__name__)
+    batching = BatcherConfig(
+        s.max_batch_size, s.max_wait_ms, s.max_queue_size, s.max_prepare_wait_ms
+    )
+    return MicroBatcher(model.run_batch, executor, batching, on_batch)

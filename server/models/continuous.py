@@ -1,0 +1,522 @@
+"""Iteration-level (continuous) batching of Whisper's decoder, behind the batcher interface.
+
+A plain micro-batcher runs `generate` on a batch: every window waits for the longest one,
+finished rows keep costing compute, and a window that arrives just after a batch started waits
+for all of it. Here the decoder runs one token at a time over whatever sequences are in flight:
+
+- New windows are encoded in batches (at most `max_encoder_batch`), their prompts run in one
+  pass, and they join the decode batch at the next step; a sequence leaves as soon as it emits
+  end-of-text or reaches its token limit, and its caller's future is resolved right then.
+- Each sequence holds its own state (the model math is in `server.models.decoder_step`):
+  cross-attention K,V computed once from its encoder output, a self-attention KV cache, its
+  tokens so far, its prompt (from the generation config, as `generate` builds it) and the
+  greedy suppress rules of `generate` (`suppress_tokens`, and `begin_suppress_tokens` at the
+  first position).
+  One window alone gives exactly the tokens of `generate` (greedy); in a batch, padding can
+  change float sums and so, rarely, flip a near-tie.
+- Each result carries the no-speech probability (softmax at <|startoftranscript|>) and the
+  confidence (geometric mean of the chosen tokens' probabilities after suppression), as
+  `WhisperModel` computes them.
+- Windows whose options greedy decoding here doesn't cover (beam_size > 1, temperature > 0, a
+  prompt, word timestamps, a multilingual model without a language, i.e. language detection)
+  go through `model.run_batch` (transformers' `generate`) on the same thread, between steps
+  (fallback): they hold the decode batch up for as long as that call takes.
+- Admission: at most `max_active` sequences decode at once (each holds its caches: see
+  `decoder_step.suggest_max_active`), at most `max_encoder_batch` windows join at a time, in
+  arrival order, urgent windows before background ones (streams' interims).
+
+Threads: `ContinuousEngine` is used from the asyncio loop (enqueue, futures, lifecycle); the
+decode loop runs as one job on the executor given (the single model worker thread, the only
+owner of the accelerator) for as long as there is work, and returns when idle, so the event
+loop never blocks on the model. The job resolves futures with `loop.call_soon_threadsafe`.
+The queue is bounded (QueueFullError); cancelled windows and windows past their deadline are
+dropped before they are encoded, and leave the decode batch at the next step if they are
+already in it; `drain()` refuses new work (UnavailableError) and waits for the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from server.batcher import Batched, BatchStats
+from server.errors import BatchError, DeadlineExceededError, QueueFullError, UnavailableError
+from server.models.base import SpeechModel, WindowResult, WindowTask
+from server.models.decoder_step import DecodeSequence, GreedyRuntime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    """Admission limits of the continuous engine."""
+
+    max_active: int = 16  # sequences decoding at once; each holds its KV caches (memory)
+    max_encoder_batch: int = 8  # windows encoded together when they join
+    max_queue_size: int = 256  # windows waiting to join; more raise QueueFullError
+    # While others decode and more requests are on their way (announced with `preparing()`),
+    # new windows wait up to max_join_wait_ms for min_encoder_batch of them to gather, so the
+    # encoder runs on fuller batches; otherwise they join at the next step.
+    min_encoder_batch: int = 1
+    max_join_wait_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_active < 1:
+            raise ValueError(f"max_active must be >= 1, not {self.max_active}")
+        if self.max_encoder_batch < 1:
+            raise ValueError(f"max_encoder_batch must be >= 1, not {self.max_encoder_batch}")
+        if self.max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be >= 1, not {self.max_queue_size}")
+        if not 1 <= self.min_encoder_batch <= self.max_encoder_batch:
+            raise ValueError("min_encoder_batch must be between 1 and max_encoder_batch")
+        if self.max_join_wait_ms < 0:
+            raise ValueError(f"max_join_wait_ms must be >= 0, not {self.max_join_wait_ms}")
+
+    @property
+    def max_batch_size(self) -> int:
+        """What `Recognizer.backlogged` compares the queue depth with: a full encoder batch."""
+        return self.max_encoder_batch
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Counters for metrics: gauges (pending, active) and running totals."""
+
+    pending: int  # windows waiting to join
+    active: int  # sequences in the decode batch now
+    decode_steps: int
+    step_rows: int  # sum over steps of the rows in each step (mean batch = step_rows / steps)
+    tokens_generated: int  # one per row per step, and each sequence's first token
+    sequences_finished: int
+    encoder_batches: int
+    encoder_windows: int
+    fallback_windows: int  # decoded by model.run_batch (options the engine doesn't cover)
+    join_s: float  # time in encoder + prompt passes
+    decode_s: float  # time in decode steps
+    fallback_s: float  # time in model.run_batch
+
+
+# -- the batcher side: queue, futures, the decode loop on the model worker --------------------
+@dataclass(eq=False)
+class _Request:
+    task: WindowTask
+    future: asyncio.Future[Batched[WindowResult]]
+    enqueued: float
+    deadline: float | None = None  # monotonic seconds
+    joined: float = 0.0  # when it left the queue
+    batch_id: int = 0  # the encoder (or fallback) batch it joined with
+    closed: bool = False  # its outcome was sent (worker thread only)
+
+
+class ContinuousEngine:
+    """The batcher interface of `server.batcher.MicroBatcher` (enqueue, submit_many, depth,
+    in_flight, start, drain, stop, on_batch) over iteration-level batched decoding.
+
+    `on_batch` gets a `BatchStats` per encoder batch (size: windows that joined; infer_s:
+    encoder + prompt pass) and per fallback batch (infer_s: the `run_batch` call), on the event
+    loop thread; `stats()` has the decode counters. A `Batched` result has queue_s (to joining),
+    infer_s (joining to its end-of-text), batch_size (the most sequences it was decoded with)
+    and batch_id (its encoder batch)."""
+
+    def __init__(
+        self,
+        model: SpeechModel,
+        executor: Executor,
+        config: EngineConfig | None = None,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.executor = executor
+        self.config = config or EngineConfig()
+        self.on_batch = on_batch
+        self.runtime = GreedyRuntime(model, self.config.max_active)
+        self._lock = threading.Lock()  # guards the queues and _running across the two threads
+        self._pending: collections.deque[_Request] = collections.deque()
+        self._background: collections.deque[_Request] = collections.deque()
+        self._running = False  # a decode loop job is on the executor
+        self._job: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._accepting = True
+        self._stopping = False
+        self._taken = 0  # windows off the queue and not yet resolved (worker thread)
+        self._preparing = 0  # requests announced and still being prepared (loop thread)
+        self._batches = 0
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- callers -------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        """Windows waiting to join the decode batch."""
+        return len(self._pending) + len(self._background)
+
+    @property
+    def in_flight(self) -> int:
+        return self.depth + self._taken
+
+    def stats(self) -> EngineStats:
+        c = self._counts
+        return EngineStats(
+            self.depth, len(self.runtime.active), c["steps"], c["step_rows"],
+            c["step_rows"] + c["joined"], c["finished"], c["encoder_batches"], c["encoder_windows"],
+            c["fallback_windows"], self._seconds["join"], self._seconds["decode"],
+            self._seconds["fallback"],
+        )  # fmt: skip
+
+    async def submit(
+        self, item: WindowTask, deadline: float | None = None
+    ) -> Batched[WindowResult]:
+        return (await self.submit_many([item], deadline))[0]
+
+    async def submit_many(
+        self, items: list[WindowTask], deadline: float | None = None, background: bool = False
+    ) -> list[Batched[WindowResult]]:
+        """Queue all items or none; wait for all their results. Cancelling the caller cancels
+        its windows: queued ones are skipped, decoding ones leave at the next step."""
+        futures = self.enqueue(items, deadline, background)
+        try:
+            return list(await asyncio.gather(*futures))
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Announce a request that has arrived and is being prepared (audio decoding,
+        features): with min_encoder_batch > 1, waiting windows may wait for it to join
+        together (up to max_join_wait_ms)."""
+        self._preparing += 1
+        try:
+            yield
+        finally:
+            self._preparing -= 1
+
+    def enqueue(
+        self, items: list[WindowTask], deadline: float | None = None, background: bool = False
+    ) -> list[asyncio.Future[Batched[WindowResult]]]:
+        """Queue items without waiting; the futures carry the results. `background` items
+        (streams' interim re-decodes) join only when no other window is waiting."""
+        if not self._accepting:
+            raise UnavailableError("server is shutting down and takes no new requests")
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        requests = [_Request(item, loop.create_future(), now, deadline) for item in items]
+        with self._lock:
+            if self.depth + len(items) > self.config.max_queue_size:
+                raise QueueFullError(
+                    f"server queue is full ({self.depth} of {self.config.max_queue_size} "
+                    f"windows waiting, this request needs {len(items)}); retry with backoff"
+                )
+            (self._background if background else self._pending).extend(requests)
+        self._idle.clear()
+        self._kick()
+        return [r.future for r in requests]
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._kick()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop accepting; wait up to timeout_s for queued and decoding windows. True if
+        drained."""
+        self._accepting = False
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        """Refuse new work, fail what is queued, end the decode loop at its next step (its
+        sequences fail with UnavailableError) and wait for it."""
+        self._accepting = False
+        self._stopping = True
+        with self._lock:
+            pending = [*self._pending, *self._background]
+            self._pending.clear()
+            self._background.clear()
+        for r in pending:
+            _fail(r.future, UnavailableError("server stopped before this request ran"))
+        if self._job is not None:
+            await asyncio.gather(self._job, return_exceptions=True)
+            self._job = None
+        self._idle.set()
+
+    async def warmup(self, batch_sizes: list[int]) -> None:
+        """Decode one second of silence in batches of these sizes through the engine (once
+        started), so the first requests don't pay for the slot caches' allocation and the
+        first calls of each kernel."""
+        silence = await asyncio.to_thread(self.model.prepare, np.zeros(16_000, np.float32))
+        for size in sorted(set(batch_sizes)):
+            size = min(size, self.config.max_active, self.config.max_queue_size)
+            await self.submit_many([WindowTask(silence, 1.0) for _ in range(size)])
+
+    def _kick(self) -> None:
+        """Put the decode loop on the executor unless it is there (loop thread)."""
+        if self._loop is None or self._stopping:
+            return
+        with self._lock:
+            if self._running or not self.depth:
+                return
+            self._running = True
+        self._job = asyncio.wrap_future(self.executor.submit(self._work), loop=self._loop)
+        self._job.add_done_callback(self._job_done)
+
+    def _job_done(self, job: asyncio.Future[None]) -> None:
+        if not job.cancelled() and job.exception() is not None:
+            log.error("decode loop crashed", exc_info=job.exception())
+        with self._lock:
+            idle = not self.depth and self._taken == 0 and not self._running
+        if idle:
+            self._idle.set()
+        else:
+            self._kick()
+
+    # -- the decode loop (model worker thread) ------------------------------------------
+    def _work(self) -> None:
+        try:
+            while self._iterate():
+                pass
+        except BaseException as err:  # a bug: fail what is in flight rather than hang it
+            self._fail_active(BatchError(f"decode loop failed: {type(err).__name__}"))
+            with self._lock:
+                self._running = False
+            raise
+
+    def _iterate(self) -> bool:
+        """One round: drop leavers, let new windows join (or run fallbacks), one decode step.
+        False when there is nothing left to do."""
+        if self._stopping:
+            self._fail_active(UnavailableError("server stopped while this request was decoding"))
+            with self._lock:
+                self._running = False
+            return False
+        self._drop_leavers()
+        joining, fallback = self._take()
+        if fallback:
+            self._run_fallback(fallback)
+        if joining:
+            self._join(joining)
+        if self.runtime.active:
+            self._step()
+        with self._lock:
+            if not self.depth and not self.runtime.active:
+                self._running = False
+                return False
+        return True
+
+    def _take(self) -> tuple[list[_Request], list[_Request]]:
+        """Take windows off the queue in order: supported ones up to the free slots and the
+        encoder batch cap, others into a fallback batch; drop cancelled and expired ones."""
+        free = self.config.max_active - len(self.runtime.active)
+        cap = min(free, self.config.max_encoder_batch)
+        joining: list[_Request] = []
+        fallback: list[_Request] = []
+        now = time.monotonic()
+        expired: list[_Request] = []
+        with self._lock:
+            if not self._join_now(free, now):
+                return joining, fallback
+            while queue := self._pending or self._background:  # urgent windows first
+                r = queue[0]
+                if r.deadline is not None and now >= r.deadline:
+                    expired.append(r)
+                elif not r.future.done():  # not cancelled (a read of its state only)
+                    greedy = self.runtime.prompt(r.task.options) is not None
+                    group, limit = (joining, cap) if greedy else (fallback, cap or 1)
+                    if len(group) >= limit:
+                        break
+                    group.append(r)
+                queue.popleft()
+            self._taken += len(joining) + len(fallback)
+        for r in expired:
+            self._send(r.future, DeadlineExceededError(
+                f"deadline passed after {now - r.enqueued:.3f} s in the queue, "
+                "before the model could run it"
+            ))  # fmt: skip
+        for r in joining + fallback:
+            r.joined = now
+        return joining, fallback
+
+    def _join_now(self, free: int, now: float) -> bool:
+        """Whether waiting windows join at this step (lock held)."""
+        if not self.runtime.active or not self._accepting:
+            return True
+        if free <= 0 or not self.depth:
+            return False
+        if self.depth >= min(free, self.config.min_encoder_batch) or not self._preparing:
+            return True  # enough for a batch, or nobody else is on the way
+        oldest = min(q[0].enqueued for q in (self._pending, self._background) if q)
+        return now - oldest >= self.config.max_join_wait_ms / 1000
+
+    def _drop_leavers(self) -> None:
+        """Cancelled sequences and those past their deadline leave the batch now."""
+        now = time.monotonic()
+        gone: list[tuple[DecodeSequence, DeadlineExceededError | None]] = []
+        for seq in self.runtime.active:
+            r: _Request = seq.owner
+            if r.future.done():  # cancelled by its caller (a read of its state only)
+                gone.append((seq, None))
+            elif r.deadline is not None and now >= r.deadline:
+                gone.append((seq, DeadlineExceededError("deadline passed while decoding")))
+        if gone:
+            self.runtime.leave([seq for seq, _ in gone])
+            for seq, error in gone:
+                self._close(seq.owner, error)
+
+    def _join(self, joining: list[_Request]) -> None:
+        started = time.monotonic()
+        self._batches += 1
+        for r in joining:
+            r.batch_id = self._batches
+        ok = False
+        try:
+            prompts = [self.runtime.prompt(r.task.options) or [] for r in joining]
+            features = [r.task.features for r in joining]
+            for group in _by_length(prompts):
+                seqs = self.runtime.join(
+                    [features[i] for i in group], [prompts[i] for i in group],
+                    [joining[i] for i in group],
+                )  # fmt: skip
+                self._counts["joined"] += len(seqs)
+                self._finish([s for s in seqs if s.finished])
+            ok = True
+        except Exception as err:
+            log.exception("encoder batch of %d failed", len(joining))
+            self.runtime.leave([s for s in self.runtime.active if s.owner in joining])
+            name = type(err).__name__
+            for r in joining:
+                self._close(r, BatchError(f"model failed on a batch of {len(joining)}: {name}"))
+        self._counts["encoder_batches"] += 1
+        self._counts["encoder_windows"] += len(joining)
+        self._seconds["join"] += time.monotonic() - started
+        self._report(joining, time.monotonic() - started, ok)
+
+    def _step(self) -> None:
+        rows = len(self.runtime.active)
+        started = time.monotonic()
+        try:
+            self.runtime.step()
+        except Exception as err:
+            log.exception("decode step of %d sequences failed", rows)
+            self._fail_active(BatchError(f"decode step failed: {type(err).__name__}"))
+            return
+        finally:
+            self._seconds["decode"] += time.monotonic() - started
+        self._counts["steps"] += 1
+        self._counts["step_rows"] += rows
+        self._finish([s for s in self.runtime.active if s.finished])
+
+    def _finish(self, done: list[DecodeSequence]) -> None:
+        """Free the slots of finished sequences and resolve their callers now."""
+        if not done:
+            return
+        self.runtime.leave(done)
+        self._counts["finished"] += len(done)
+        now = time.monotonic()
+        for seq in done:
+            r: _Request = seq.owner
+            result = Batched(
+                self.runtime.result(seq), r.joined - r.enqueued, now - r.joined,
+                seq.most_rows, r.batch_id,
+            )  # fmt: skip
+            self._close(r, result)
+
+    def _run_fallback(self, batch: list[_Request]) -> None:
+        started = time.monotonic()
+        self._batches += 1
+        ok = False
+        try:
+            outs = self.model.run_batch([r.task for r in batch])
+            if len(outs) != len(batch):
+                raise BatchError(f"model returned {len(outs)} results for a batch of {len(batch)}")
+            ok = True
+        except Exception as err:
+            log.exception("fallback batch of %d failed", len(batch))
+            failure = (
+                err
+                if isinstance(err, BatchError)
+                else BatchError(f"model failed on this batch of {len(batch)}: {type(err).__name__}")
+            )
+            for r in batch:
+                self._close(r, failure)
+        infer_s = time.monotonic() - started
+        if ok:
+            for r, out in zip(batch, outs, strict=True):
+                queue_s = r.joined - r.enqueued
+                self._close(r, Batched(out, queue_s, infer_s, len(batch), self._batches))
+        self._counts["fallback_windows"] += len(batch)
+        self._seconds["fallback"] += infer_s
+        self._report(batch, infer_s, ok)
+
+    def _fail_active(self, error: Exception) -> None:
+        active = self.runtime.active
+        self.runtime.clear()
+        for seq in active:
+            self._close(seq.owner, error)
+
+    def _close(self, r: _Request, outcome: Batched[WindowResult] | Exception | None) -> None:
+        """A taken window is done: send its outcome (None: its caller is gone) once."""
+        if r.closed:
+            return
+        r.closed = True
+        with self._lock:
+            self._taken -= 1
+        if outcome is not None:
+            self._send(r.future, outcome)
+
+    # -- to the event loop ---------------------------------------------------------------
+    def _send(
+        self,
+        future: asyncio.Future[Batched[WindowResult]],
+        outcome: Batched[WindowResult] | Exception,
+    ) -> None:
+        self._call_soon(_settle_future, future, outcome)
+
+    def _report(self, batch: list[_Request], infer_s: float, ok: bool) -> None:
+        if self.on_batch is not None:
+            stats = BatchStats(len(batch), [r.joined - r.enqueued for r in batch], infer_s, ok)
+            self._call_soon(self.on_batch, stats)
+
+    def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            self._loop.call_soon_threadsafe(fn, *args)
+
+
+def _settle_future(
+    future: asyncio.Future[Batched[WindowResult]], outcome: Batched[WindowResult] | Exception
+) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def _fail(future: asyncio.Future[Any], error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+def _by_length(prompts: list[list[int]]) -> list[list[int]]:
+    groups: dict[int, list[int]] = collections.defaultdict(list)
+    for i, prompt in enumerate(prompts):
+        groups[len(prompt)].append(i)
+    return list(groups.values())

@@ -1,0 +1,413 @@
+"""Greedy Whisper decoding of many sequences at once, one token per step, sequences joining and
+leaving between steps: the model math under `server.models.continuous`.
+
+`BatchedDecoder` holds the per-sequence decoder state of up to `capacity` sequences in slots:
+the cross-attention keys and values (computed once per sequence from its encoder output) and
+a self-attention KV cache. The sequences being decoded always occupy slots 0..n-1 (a leaving
+sequence's slot is filled by moving the last one into it), so every step works on views of
+the slot tensors, with no gather. Rows of different lengths share one step: each row writes
+its new key and value at its own position and attends with a mask over the positions it has
+filled; each row gets its own position id (Whisper's decoder has learned position
+embeddings). The math reuses the model's own modules (embeddings, projections, layer norms,
+MLP, proj_out) in the operation order of transformers' `WhisperAttention` with
+`scaled_dot_product_attention`, so that one sequence alone gives bit-for-bit the logits of
+`generate`.
+
+`GreedyRuntime` adds what `generate` does around the logits in greedy short-form mode: the
+prompt from the generation config, the suppress rules, the stop condition (end-of-text or
+max_new_tokens), and the no-speech probability and confidence `WhisperModel` reports.
+
+Only the model worker thread uses these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from server.models.base import DecodeOptions, WindowResult
+
+
+@dataclass(frozen=True)
+class Suppression:
+    """Greedy logit rules of Whisper's `generate` in short-form mode: `suppress_tokens` at
+    every position, `begin_suppress_tokens` at the first generated position."""
+
+    always: torch.Tensor  # (vocab,) bool
+    at_begin: torch.Tensor  # (vocab,) bool
+
+    @classmethod
+    def from_generation_config(cls, gen: Any, vocab_size: int, device: torch.device) -> Suppression:
+        def mask(ids: list[int] | None) -> torch.Tensor:
+            out = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            valid = [i for i in ids or [] if 0 <= i < vocab_size]
+            if valid:
+                out[torch.as_tensor(valid, device=device)] = True
+            return out
+
+        return cls(mask(gen.suppress_tokens), mask(gen.begin_suppress_tokens))
+
+    def apply(self, logits: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """logits (rows, vocab) float32; first (rows,) bool: rows at their first generated
+        position. Returns the processed scores (-inf where suppressed)."""
+        suppressed = self.always.unsqueeze(0) | (first.unsqueeze(1) & self.at_begin.unsqueeze(0))
+        return logits.masked_fill(suppressed, float("-inf"))
+
+
+class BatchedDecoder:
+    """Slot caches and the batched forward pass of a `WhisperForConditionalGeneration`."""
+
+    def __init__(self, hf_model: Any, capacity: int, max_positions: int) -> None:
+        decoder = hf_model.model.decoder
+        self.decoder = decoder
+        self.proj_out = hf_model.proj_out
+        config = hf_model.config
+        self.capacity = capacity
+        self.max_positions = min(max_positions, config.max_target_positions)
+        self.heads = config.decoder_attention_heads
+        self.head_dim = config.d_model // self.heads
+        self.source_positions = config.max_source_positions
+        param = next(decoder.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        layers = len(decoder.layers)
+        self_shape = (capacity, self.heads, self.max_positions, self.head_dim)
+        cross_shape = (capacity, self.heads, self.source_positions, self.head_dim)
+
+        def alloc(shape: tuple[int, ...]) -> list[torch.Tensor]:
+            with torch.inference_mode():
+                return [
+                    torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(layers)
+                ]
+
+        self.self_k, self.self_v = alloc(self_shape), alloc(self_shape)
+        self.cross_k, self.cross_v = alloc(cross_shape), alloc(cross_shape)
+        self.lengths = [0] * capacity  # tokens in each slot's self-attention cache
+
+    @staticmethod
+    def bytes_per_sequence(config: Any, max_positions: int, dtype: torch.dtype) -> int:
+        """Memory one slot holds: the cross K,V of 1500 frames and the self K,V cache."""
+        per_position = 2 * config.decoder_layers * config.d_model * dtype.itemsize
+        return per_position * (config.max_source_positions + max_positions)
+
+    # -- slots --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def load_cross(self, first_slot: int, encoder_hidden: torch.Tensor) -> None:
+        """Cross-attention K,V of `encoder_hidden` (k, frames, d_model) into slots
+        first_slot..first_slot+k-1, once per sequence; their self caches start empty."""
+        k = encoder_hidden.shape[0]
+        rows = slice(first_slot, first_slot + k)
+        for i, layer in enumerate(self.decoder.layers):
+            attn = layer.encoder_attn
+            self.cross_k[i][rows] = self._heads(attn.k_proj(encoder_hidden))
+            self.cross_v[i][rows] = self._heads(attn.v_proj(encoder_hidden))
+        for slot in range(first_slot, first_slot + k):
+            self.lengths[slot] = 0
+
+    @torch.inference_mode()
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot src's state into slot dst (to keep the active slots contiguous)."""
+        if src == dst:
+            return
+        n = self.lengths[src]
+        for i in range(len(self.self_k)):
+            self.self_k[i][dst, :, :n] = self.self_k[i][src, :, :n]
+            self.self_v[i][dst, :, :n] = self.self_v[i][src, :, :n]
+            self.cross_k[i][dst] = self.cross_k[i][src]
+            self.cross_v[i][dst] = self.cross_v[i][src]
+        self.lengths[dst] = n
+
+    # -- forward passes -----------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, first_slot: int, input_ids: torch.Tensor) -> torch.Tensor:
+        """The whole prompt (k, T) of slots first_slot..first_slot+k-1, whose caches are empty,
+        in one causal pass (as `generate`'s first step). Returns logits (k, T, vocab)."""
+        k, t = input_ids.shape
+        rows = slice(first_slot, first_slot + k)
+        positions = torch.arange(t, device=self.device).unsqueeze(0).expand(k, t)
+        hidden = self._embed(input_ids, positions)
+        for i, layer in enumerate(self.decoder.layers):
+            attn = layer.self_attn
+            residual = hidden
+            x = layer.self_attn_layer_norm(hidden)
+            q = self._heads(attn.q_proj(x) * attn.scaling)
+            key, value = self._heads(attn.k_proj(x)), self._heads(attn.v_proj(x))
+            self.self_k[i][rows, :, :t] = key
+            self.self_v[i][rows, :, :t] = value
+            out = F.scaled_dot_product_attention(q, key, value, is_causal=t > 1, scale=1.0)
+            hidden = residual + attn.out_proj(self._merge(out))
+            hidden = self._cross_and_mlp(layer, i, hidden, rows)
+        for slot in range(first_slot, first_slot + k):
+            self.lengths[slot] = t
+        return self.proj_out(self.decoder.layer_norm(hidden))
+
+    @torch.inference_mode()
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """One new token (n,) for each of the slots 0..n-1, each at its own position. Returns
+        logits (n, vocab)."""
+        n = input_ids.shape[0]
+        lengths = self.lengths[:n]
+        longest = max(lengths) + 1
+        positions = torch.as_tensor(lengths, device=self.device)
+        hidden = self._embed(input_ids.unsqueeze(1), positions.unsqueeze(1))
+        mask = None
+        if min(lengths) != max(lengths):  # ragged rows: hide each row's unfilled positions
+            keys = torch.arange(longest, device=self.device)
+            mask = (keys.unsqueeze(0) <= positions.unsqueeze(1)).view(n, 1, 1, longest)
+        rows = torch.arange(n, device=self.device)
+        for i, layer in enumerate(self.decoder.layers):
+            attn = layer.self_attn
+            residual = hidden
+            x = layer.self_attn_layer_norm(hidden)
+            q = self._heads(attn.q_proj(x) * attn.scaling)
+            self.self_k[i][rows, :, positions] = self._heads(attn.k_proj(x))[:, :, 0]
+            self.self_v[i][rows, :, positions] = self._heads(attn.v_proj(x))[:, :, 0]
+            key = self.self_k[i][:n, :, :longest]
+            value = self.self_v[i][:n, :, :longest]
+            out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=1.0)
+            hidden = residual + attn.out_proj(self._merge(out))
+            hidden = self._cross_and_mlp(layer, i, hidden, slice(0, n))
+        for slot in range(n):
+            self.lengths[slot] += 1
+        return self.proj_out(self.decoder.layer_norm(hidden))[:, 0]
+
+    def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # as transformers' WhisperDecoder: no embed_scale (it is 1.0 for every Whisper)
+        return self.decoder.embed_tokens(input_ids) + self.decoder.embed_positions.weight[positions]
+
+    def _cross_and_mlp(self, layer: Any, i: int, hidden: torch.Tensor, rows: slice) -> torch.Tensor:
+        attn = layer.encoder_attn
+        residual = hidden
+        x = layer.encoder_attn_layer_norm(hidden)
+        q = self._heads(attn.q_proj(x) * attn.scaling)
+        out = F.scaled_dot_product_attention(
+            q, self.cross_k[i][rows], self.cross_v[i][rows], scale=1.0
+        )
+        hidden = residual + attn.out_proj(self._merge(out))
+        residual = hidden
+        x = layer.final_layer_norm(hidden)
+        return residual + layer.fc2(layer.activation_fn(layer.fc1(x)))
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, time, d_model) -> (batch, heads, time, head_dim), contiguous."""
+        b, t, _ = x.shape
+        return x.view(b, t, self.heads, self.head_dim).transpose(1, 2).contiguous()
+
+    @staticmethod
+    def _merge(x: torch.Tensor) -> torch.Tensor:
+        """(batch, heads, time, head_dim) -> (batch, time, d_model)."""
+        b, _, t, _ = x.shape
+        return x.transpose(1, 2).contiguous().reshape(b, t, -1)
+
+
+# -- greedy decoding of many sequences, joining and leaving between steps ---------------------
+@dataclass(eq=False)
+class DecodeSequence:
+    """One window being decoded; `owner` is whatever the caller tracks it by."""
+
+    owner: Any
+    prompt: list[int]
+    max_new_tokens: int
+    language: str
+    no_speech_prob: float = 0.0
+    tokens: list[int] = field(default_factory=list)  # generated, without end-of-text
+    logprobs: list[float] = field(default_factory=list)
+    finished: bool = False
+    most_rows: int = 0  # the most sequences it was decoded together with
+
+
+class GreedyRuntime:
+    """Greedy Whisper decoding with sequences joining and leaving between steps. Only the
+    model worker thread calls it. `active[i]` is the sequence in decoder slot i."""
+
+    def __init__(self, model: Any, max_active: int) -> None:
+        self.model = model  # a WhisperModel: .model (transformers), .tokenizer, .info
+        hf = model.model
+        gen = hf.generation_config
+        self.gen = gen
+        self.hf = hf
+        self.device = next(hf.parameters()).device
+        self.sot = int(gen.decoder_start_token_id)
+        self.eos = int(gen.eos_token_id)
+        no_ts = getattr(gen, "no_timestamps_token_id", None)
+        self.no_timestamps = None if no_ts is None else int(no_ts)
+        self.lang_to_id: dict[str, int] = dict(getattr(gen, "lang_to_id", None) or {})
+        self.task_to_id: dict[str, int] = dict(getattr(gen, "task_to_id", None) or {})
+        self.multilingual = bool(model.info.multilingual)
+        self.no_speech = _token_id(model.tokenizer, "<|nospeech|>") or _token_id(
+            model.tokenizer, "<|nocaptions|>"
+        )
+        self.max_new_tokens = int(getattr(model, "max_new_tokens", 440))
+        self.max_active = max_active
+        self.suppression = Suppression.from_generation_config(
+            gen, hf.config.vocab_size, self.device
+        )
+        self._decoder: BatchedDecoder | None = None  # allocated on first use, on the worker
+        self.active: list[DecodeSequence] = []
+        # Logit rules of the checkpoint's generation config that greedy decoding here doesn't
+        # apply: with any of them, every window falls back to generate.
+        self.plain_greedy = (
+            (getattr(gen, "num_beams", 1) or 1) == 1
+            and not getattr(gen, "do_sample", False)
+            and (getattr(gen, "repetition_penalty", 1.0) or 1.0) == 1.0
+            and not getattr(gen, "no_repeat_ngram_size", 0)
+            and not getattr(gen, "return_timestamps", False)
+        )
+
+    @property
+    def decoder(self) -> BatchedDecoder:
+        if self._decoder is None:
+            positions = self.hf.config.max_target_positions
+            self._decoder = BatchedDecoder(self.hf, self.max_active, positions)
+        return self._decoder
+
+    # -- prompts and options ------------------------------------------------------------
+    def prompt(self, options: DecodeOptions) -> list[int] | None:
+        """The start tokens `generate` would use for these options, or None when greedy
+        decoding here doesn't cover them (the caller falls back to `model.run_batch`)."""
+        if options.beam_size > 1 or options.temperature > 0 or not self.plain_greedy:
+            return None
+        if options.prompt or options.word_timestamps:
+            return None
+        tokens = [self.sot]
+        if self.multilingual:
+            language = self.lang_to_id.get(f"<|{options.language}|>")
+            task = self.task_to_id.get(options.task)
+            if language is None or task is None:
+                return None  # language detection (or an unknown task): generate does it
+            tokens += [language, task]
+        else:
+            tokens += self._forced_ids()
+        if self.no_timestamps is not None and tokens[-1] != self.no_timestamps:
+            tokens.append(self.no_timestamps)
+        return tokens
+
+    def _forced_ids(self) -> list[int]:
+        """Legacy `forced_decoder_ids` ([[1, id], [2, id]...]) that `generate` follows when
+        neither language nor task is given (English-only models)."""
+        forced = getattr(self.gen, "forced_decoder_ids", None) or getattr(
+            self.hf.config, "forced_decoder_ids", None
+        )
+        ids: list[int] = []
+        for expected, (position, token) in enumerate(forced or [], start=1):
+            if position != expected:
+                break
+            if token is not None:  # a language left to detection: dropped, as generate does
+                ids.append(int(token))
+        return ids
+
+    # -- joining, stepping, leaving -----------------------------------------------------
+    @torch.inference_mode()
+    def join(
+        self, features: list[np.ndarray], prompts: list[list[int]], owners: list[Any]
+    ) -> list[DecodeSequence]:
+        """Encode windows in one batch, run their prompts in one pass, pick their first
+        tokens; they take the next free slots. Some may finish at once (check `finished`)."""
+        if len(self.active) + len(features) > self.max_active:
+            raise ValueError("more sequences than max_active")
+        dtype = self.decoder.dtype
+        batch = torch.from_numpy(np.stack(features)).to(self.device, dtype)
+        encoded = self.hf.get_encoder()(batch).last_hidden_state
+        first = len(self.active)
+        self.decoder.load_cross(first, encoded)
+        if len({len(p) for p in prompts}) != 1:
+            raise ValueError("one join takes prompts of one length (one prefill pass)")
+        ids = torch.as_tensor(prompts, device=self.device)
+        logits = self.decoder.prefill(first, ids).float()  # (k, T, vocab)
+        no_speech = self._no_speech_probs(logits[:, 0])
+        room = self.decoder.max_positions - len(prompts[0])
+        joined = [
+            DecodeSequence(
+                owner,
+                prompt,
+                min(self.max_new_tokens, room),
+                _language_of(prompt, self.lang_to_id) if self.multilingual else "en",
+                no_speech_prob,
+            )
+            for owner, prompt, no_speech_prob in zip(owners, prompts, no_speech, strict=True)
+        ]
+        self.active += joined
+        first_position = torch.ones(len(joined), dtype=torch.bool, device=self.device)
+        self._choose(joined, self.suppression.apply(logits[:, -1], first_position))
+        return joined
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One token for every active sequence that isn't finished (finished ones, if any
+        are left in, are stepped along and don't change)."""
+        live = self.active
+        ids = torch.as_tensor(
+            [s.tokens[-1] if s.tokens else self.eos for s in live], device=self.device
+        )
+        logits = self.decoder.step(ids).float()
+        not_first = torch.zeros(len(live), dtype=torch.bool, device=self.device)
+        self._choose(live, self.suppression.apply(logits, not_first))
+
+    def leave(self, gone: Sequence[DecodeSequence]) -> None:
+        """Free the slots of `gone`; the last active sequences move into the holes."""
+        drop = {id(s) for s in gone}
+        i = 0
+        while i < len(self.active):
+            if id(self.active[i]) in drop:
+                last = len(self.active) - 1
+                self.decoder.move(last, i)
+                self.active[i] = self.active[last]
+                self.active.pop()
+                if i == last:
+                    break
+                continue  # the moved sequence is now at i: look at it too
+            i += 1
+
+    def clear(self) -> None:
+        self.active = []
+
+    def result(self, seq: DecodeSequence) -> WindowResult:
+        text = self.model.tokenizer.decode(seq.tokens, skip_special_tokens=True).strip()
+        finite = [lp for lp in seq.logprobs if np.isfinite(lp)]
+        confidence = float(np.exp(np.mean(finite))) if finite else 0.0
+        return WindowResult(text, seq.language, confidence, float(seq.no_speech_prob))
+
+    def _choose(self, seqs: list[DecodeSequence], scores: torch.Tensor) -> None:
+        """Greedy pick per row; a row that emits end-of-text or hits its limit finishes."""
+        tokens = scores.argmax(dim=-1)
+        logprobs = torch.log_softmax(scores, dim=-1).gather(1, tokens.unsqueeze(1))[:, 0]
+        rows = len(seqs)
+        for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist(), strict=True):
+            seq.most_rows = max(seq.most_rows, rows)
+            if seq.finished:  # stepped along with the others: it keeps what it had
+                continue
+            if token == self.eos:
+                seq.finished = True
+                continue
+            seq.tokens.append(token)
+            seq.logprobs.append(logprob)
+            if len(seq.tokens) >= seq.max_new_tokens:
+                seq.finished = True
+
+    def _no_speech_probs(self, logits_at_sot: torch.Tensor) -> list[float]:
+        if self.no_speech is None:
+            return [0.0] * logits_at_sot.shape[0]
+        probs = torch.softmax(logits_at_sot, dim=-1)[:, self.no_speech]
+        return [float(p) for p in probs.tolist()]
+
+
+def _token_id(tokenizer: Any, token: str) -> int | None:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    return None if token_id in (None, tokenizer.unk_token_id) else int(token_id)
+
+
+def _language_of(prompt: list[int], lang_to_id: dict[str, int]) -> str:
+    codes = {i: tok.strip("<|>") for tok, i in lang_to_id.items()}
+    return next((codes[t] for t in prompt if t in codes), "")
+
+
+def suggest_max_active(hf_config: Any, memory_bytes: int, dtype: torch.dtype) -> int:
+    """How many sequences fit in `memory_bytes` of decoder state (at least 1)."""
+    per_sequence = BatchedDecoder.bytes_per_sequence(
+        hf_config, hf_config.max_target_positions, dtype
+    )
+    return max(1, memory_bytes // per_sequence)
