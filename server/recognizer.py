@@ -13,6 +13,7 @@ is not decoded at all (no model time), and a decoded window whose no-speech prob
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -165,8 +166,16 @@ class Recognizer:
     def _tasks(
         self, windows: list[Window], options: DecodeOptions
     ) -> list[tuple[Window, WindowTask]]:
+        # A known prefix belongs to the window the audio starts with, no other.
+        rest = dataclasses.replace(options, prefix="") if options.prefix else options
         return [
-            (w, WindowTask(self.model.prepare(w.samples), w.duration_s, options)) for w in windows
+            (
+                w,
+                WindowTask(
+                    self.model.prepare(w.samples), w.duration_s, rest if w.start_s else options
+                ),
+            )
+            for w in windows
         ]
 
 

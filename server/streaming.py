@@ -8,8 +8,10 @@ the same micro-batch as unary requests and other streams, so many streams share 
 
 Interim text doesn't flicker: a word prefix is committed once two consecutive decodes agree
 on it (LocalAgreement-2), and later interims always start with the committed words; `stability`
-is the committed share of the interim text. Only the worker thread touches the model: this
-module only awaits the shared Recognizer.
+is the committed share of the interim text. Later interims of the utterance pass the committed
+words as `DecodeOptions.prefix`: the continuous engine forces them in one prefill pass and
+decodes only the new words, so an interim costs an encoder pass and a few steps. Only the
+worker thread touches the model: this module only awaits the shared Recognizer.
 
 Tasks per stream: a reader that pulls audio off the wire (and stops pulling when `buffer_s`
 of audio is waiting, so gRPC flow control slows a client sending faster than real time), the
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -157,6 +160,12 @@ class Utterance:
         self.push(rest)  # re-classify what was carried over
         self.new_since_decode_s = len(self.audio) / SAMPLE_RATE
         return head, start
+
+    def with_committed(self, options: DecodeOptions) -> DecodeOptions:
+        """Decode options whose transcript starts with the committed words: the continuous
+        engine forces them and decodes only the rest, so a re-decode costs steps for the new
+        words only."""
+        return dataclasses.replace(options, prefix=" ".join(self.committed))
 
     def agree(self, text: str) -> tuple[str, float]:
         """LocalAgreement-2: commit the words two consecutive hypotheses share beyond what is
@@ -352,6 +361,8 @@ async def _finals(
 ) -> AsyncIterator[StreamEvent]:
     """Finals for every endpoint in the audio so far (then END_OF_SINGLE_UTTERANCE if asked)."""
     while (cut := utterance.endpoint(closing)) is not None:
+        # A final is a full decode of its audio (not forced with the committed words), so it
+        # depends on the audio alone: the same audio sent at any pace gives the same finals.
         samples, start_s = utterance.take(cut)
         result = await recognizer.recognize_samples(samples, cfg.options, offset_s=start_s)
         if result.text:
@@ -377,7 +388,8 @@ class _Interim:
     @classmethod
     def start(cls, utterance: Utterance, recognizer: Recognizer, cfg: StreamSettings) -> _Interim:
         utterance.new_since_decode_s = 0.0
-        decode = recognizer.recognize_samples(utterance.audio, cfg.options, background=True)
+        options = utterance.with_committed(cfg.options)
+        decode = recognizer.recognize_samples(utterance.audio, options, background=True)
         start_s = utterance.start_s
         return cls(asyncio.ensure_future(decode), start_s, start_s + utterance.duration_s)
 

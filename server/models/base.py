@@ -24,6 +24,9 @@ class DecodeOptions:
     beam_size: int = 1
     prompt: str = ""
     word_timestamps: bool = False
+    # Text this window's transcript is known to start with (a stream's committed words). The
+    # continuous engine forces it and decodes only what follows; other paths may ignore it.
+    prefix: str = ""
 
 
 @dataclass

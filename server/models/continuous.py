@@ -384,17 +384,19 @@ class ContinuousEngine:
         self._batches += 1
         for r in joining:
             r.batch_id = self._batches
+        self._counts["encoder_batches"] += 1
+        self._counts["encoder_windows"] += len(joining)
         ok = False
         try:
-            prompts = [self.runtime.prompt(r.task.options) or [] for r in joining]
-            features = [r.task.features for r in joining]
-            for group in _by_length(prompts):
-                seqs = self.runtime.join(
-                    [features[i] for i in group], [prompts[i] for i in group],
-                    [joining[i] for i in group],
-                )  # fmt: skip
-                self._counts["joined"] += len(seqs)
-                self._finish([s for s in seqs if s.finished])
+            options = [r.task.options for r in joining]
+            seqs = self.runtime.join(
+                [r.task.features for r in joining],
+                [self.runtime.prompt(o) or [] for o in options],
+                joining,
+                [self.runtime.prefix(o) for o in options],
+            )
+            self._counts["joined"] += len(seqs)
+            self._finish([s for s in seqs if s.finished])
             ok = True
         except Exception as err:
             log.exception("encoder batch of %d failed", len(joining))
@@ -402,8 +404,6 @@ class ContinuousEngine:
             name = type(err).__name__
             for r in joining:
                 self._close(r, BatchError(f"model failed on a batch of {len(joining)}: {name}"))
-        self._counts["encoder_batches"] += 1
-        self._counts["encoder_windows"] += len(joining)
         self._seconds["join"] += time.monotonic() - started
         self._report(joining, time.monotonic() - started, ok)
 
@@ -456,12 +456,13 @@ class ContinuousEngine:
             for r in batch:
                 self._close(r, failure)
         infer_s = time.monotonic() - started
+        # Counted before the callers hear back, so whoever reads stats() after a reply sees it.
+        self._counts["fallback_windows"] += len(batch)
+        self._seconds["fallback"] += infer_s
         if ok:
             for r, out in zip(batch, outs, strict=True):
                 queue_s = r.joined - r.enqueued
                 self._close(r, Batched(out, queue_s, infer_s, len(batch), self._batches))
-        self._counts["fallback_windows"] += len(batch)
-        self._seconds["fallback"] += infer_s
         self._report(batch, infer_s, ok)
 
     def _fail_active(self, error: Exception) -> None:
@@ -513,10 +514,3 @@ def _settle_future(
 def _fail(future: asyncio.Future[Any], error: Exception) -> None:
     if not future.done():
         future.set_exception(error)
-
-
-def _by_length(prompts: list[list[int]]) -> list[list[int]]:
-    groups: dict[int, list[int]] = collections.defaultdict(list)
-    for i, prompt in enumerate(prompts):
-        groups[len(prompt)].append(i)
-    return list(groups.values())

@@ -15,7 +15,10 @@ MLP, proj_out) in the operation order of transformers' `WhisperAttention` with
 
 `GreedyRuntime` adds what `generate` does around the logits in greedy short-form mode: the
 prompt from the generation config, the suppress rules, the stop condition (end-of-text or
-max_new_tokens), and the no-speech probability and confidence `WhisperModel` reports.
+max_new_tokens), and the no-speech probability and confidence `WhisperModel` reports. It can
+also force a text prefix after the prompt (`DecodeOptions.prefix`: a stream's committed
+words), run in the same prefill pass, so that only the rest of the transcript is decoded
+step by step.
 
 Only the model worker thread uses these.
 """
@@ -218,6 +221,7 @@ class DecodeSequence:
     logprobs: list[float] = field(default_factory=list)
     finished: bool = False
     most_rows: int = 0  # the most sequences it was decoded together with
+    forced: list[int] = field(default_factory=list)  # prefix tokens forced after the prompt
 
 
 class GreedyRuntime:
@@ -301,39 +305,61 @@ class GreedyRuntime:
         return ids
 
     # -- joining, stepping, leaving -----------------------------------------------------
+    def prefix(self, options: DecodeOptions) -> list[int]:
+        """The tokens of `options.prefix`, forced after the prompt (none without a prefix)."""
+        text = options.prefix.strip()
+        if not text:
+            return []
+        tokens = self.model.tokenizer.encode(" " + text, add_special_tokens=False)
+        # Leave the decoder most of its 448 positions; a longer prefix is not forced at all.
+        return [int(t) for t in tokens] if len(tokens) <= self.decoder.max_positions // 2 else []
+
     @torch.inference_mode()
     def join(
-        self, features: list[np.ndarray], prompts: list[list[int]], owners: list[Any]
+        self,
+        features: list[np.ndarray],
+        prompts: list[list[int]],
+        owners: list[Any],
+        forced: list[list[int]] | None = None,
     ) -> list[DecodeSequence]:
-        """Encode windows in one batch, run their prompts in one pass, pick their first
-        tokens; they take the next free slots. Some may finish at once (check `finished`)."""
+        """Encode windows in one batch, run their prompts (then their `forced` prefix tokens,
+        if any) in one pass per prompt length, pick their first tokens; they take the next
+        free slots. Some may finish at once (check `finished`). Returned in input order."""
         if len(self.active) + len(features) > self.max_active:
             raise ValueError("more sequences than max_active")
-        dtype = self.decoder.dtype
-        batch = torch.from_numpy(np.stack(features)).to(self.device, dtype)
-        encoded = self.hf.get_encoder()(batch).last_hidden_state
+        forced = forced or [[] for _ in prompts]
+        inputs = [p + f for p, f in zip(prompts, forced, strict=True)]
+        # Slots in order of input length, so each length is one contiguous prefill.
+        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+        batch = torch.from_numpy(np.stack([features[i] for i in order]))
+        encoded = self.hf.get_encoder()(batch.to(self.device, self.decoder.dtype))
         first = len(self.active)
-        self.decoder.load_cross(first, encoded)
-        if len({len(p) for p in prompts}) != 1:
-            raise ValueError("one join takes prompts of one length (one prefill pass)")
-        ids = torch.as_tensor(prompts, device=self.device)
-        logits = self.decoder.prefill(first, ids).float()  # (k, T, vocab)
-        no_speech = self._no_speech_probs(logits[:, 0])
-        room = self.decoder.max_positions - len(prompts[0])
-        joined = [
-            DecodeSequence(
-                owner,
-                prompt,
-                min(self.max_new_tokens, room),
-                _language_of(prompt, self.lang_to_id) if self.multilingual else "en",
-                no_speech_prob,
-            )
-            for owner, prompt, no_speech_prob in zip(owners, prompts, no_speech, strict=True)
-        ]
-        self.active += joined
-        first_position = torch.ones(len(joined), dtype=torch.bool, device=self.device)
-        self._choose(joined, self.suppression.apply(logits[:, -1], first_position))
-        return joined
+        self.decoder.load_cross(first, encoded.last_hidden_state)
+        joined: dict[int, DecodeSequence] = {}
+        start = 0
+        while start < len(order):
+            length = len(inputs[order[start]])
+            group = [i for i in order[start:] if len(inputs[i]) == length]
+            ids = torch.as_tensor([inputs[i] for i in group], device=self.device)
+            logits = self.decoder.prefill(first + start, ids).float()  # (k, T, vocab)
+            no_speech = self._no_speech_probs(logits[:, 0])
+            room = self.decoder.max_positions - length
+            seqs = [
+                DecodeSequence(
+                    # The token limit is the transcript's, forced prefix included.
+                    owners[i], prompts[i], max(1, min(self.max_new_tokens - len(forced[i]), room)),
+                    _language_of(prompts[i], self.lang_to_id) if self.multilingual else "en",
+                    p_no_speech, forced=forced[i],
+                )
+                for i, p_no_speech in zip(group, no_speech, strict=True)
+            ]  # fmt: skip
+            self.active += seqs
+            # begin_suppress_tokens apply where generation begins: not after a forced prefix.
+            at_begin = torch.as_tensor([not s.forced for s in seqs], device=self.device)
+            self._choose(seqs, self.suppression.apply(logits[:, -1], at_begin))
+            joined.update(zip(group, seqs, strict=True))
+            start += len(group)
+        return [joined[i] for i in range(len(inputs))]
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -366,7 +392,8 @@ class GreedyRuntime:
         self.active = []
 
     def result(self, seq: DecodeSequence) -> WindowResult:
-        text = self.model.tokenizer.decode(seq.tokens, skip_special_tokens=True).strip()
+        text = self.model.tokenizer.decode(seq.forced + seq.tokens, skip_special_tokens=True)
+        text = text.strip()
         finite = [lp for lp in seq.logprobs if np.isfinite(lp)]
         confidence = float(np.exp(np.mean(finite))) if finite else 0.0
         return WindowResult(text, seq.language, confidence, float(seq.no_speech_prob))

@@ -67,6 +67,9 @@ class FakeTokenizer:
     def decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
         return " ".join(f"w{t}" for t in tokens if not EOS <= t <= TRANSLATE)
 
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [int(word[1:]) for word in text.split()]
+
 
 class TinyWhisper(SpeechModel):
     """What the engine needs of a WhisperModel: .model, .tokenizer, .info, .max_new_tokens,
@@ -185,6 +188,32 @@ def test_prompts_follow_the_generation_config() -> None:
         DecodeOptions(language="en", word_timestamps=True),
     ):
         assert multi.prompt(unsupported) is None
+
+
+def test_a_forced_prefix_is_decoded_on_from_and_prefixes_of_any_length_join_together() -> None:
+    """Greedy decoding forced with the start of its own transcript continues exactly as it
+    would have (a stream's committed words), for prefixes of different lengths in one join."""
+    model = TinyWhisper()
+    runtime = GreedyRuntime(model, max_active=8)
+    feats = windows(6, seed=3)
+    alone = [decode_alone(runtime, f, DecodeOptions()) for f in feats]
+    assert all(len(seq.tokens) >= 3 for seq in alone)
+    options = [
+        DecodeOptions(prefix=model.tokenizer.decode(seq.tokens[: i % 3]))
+        for i, seq in enumerate(alone)
+    ]
+    prompt = runtime.prompt(DecodeOptions())
+    assert prompt is not None
+    seqs = runtime.join(
+        feats, [prompt] * len(feats), list(range(len(feats))), [runtime.prefix(o) for o in options]
+    )
+    assert [s.owner for s in seqs] == list(range(len(feats)))  # input order, whatever the slots
+    while not all(s.finished for s in seqs):
+        runtime.step()
+    for i, (seq, want) in enumerate(zip(seqs, alone, strict=True)):
+        assert seq.forced == want.tokens[: i % 3]
+        assert seq.tokens == want.tokens[i % 3 :]  # only the rest was decoded step by step
+        assert runtime.result(seq).text == runtime.result(want).text
 
 
 def test_sequences_joining_and_leaving_mid_decode_match_running_alone() -> None:
