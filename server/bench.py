@@ -194,19 +194,25 @@ def _stream_once(stub: object, clip: Clip) -> tuple[float | None, float]:
     return first_interim, max(0.0, last_final - marks["end"])
 
 
-def bench_streams(server: EmbeddedServer, clips: list[Clip], streams: int) -> StreamRow:
+def bench_streams(
+    server: EmbeddedServer, clips: list[Clip], streams: int, per_stream: int = 1
+) -> StreamRow:
+    """`streams` concurrent clients, each streaming `per_stream` clips one after another."""
     stub = server.stub()
+
+    def client(i: int) -> list[tuple[float | None, float]]:
+        picks = [clips[(i + k * streams) % len(clips)] for k in range(per_stream)]
+        return [_stream_once(stub, clip) for clip in picks]
+
     with ThreadPoolExecutor(streams) as pool:
-        outcomes = list(
-            pool.map(lambda i: _stream_once(stub, clips[i % len(clips)]), range(streams))
-        )
+        outcomes = [o for per_client in pool.map(client, range(streams)) for o in per_client]
     interims = [o[0] for o in outcomes if o[0] is not None]
-    return StreamRow(streams, interims, [o[1] for o in outcomes], streams - len(interims))
+    return StreamRow(streams, interims, [o[1] for o in outcomes], len(outcomes) - len(interims))
 
 
 def print_stream_table(rows: list[StreamRow], out: Callable[[str], None] = print) -> None:
     header = ["", "first interim p50 ms", "p99 ms", "final after last chunk p50 ms",
-              "p99 ms", "max ms", "streams without interim"]  # fmt: skip
+              "p99 ms", "max ms", "utterances without interim"]  # fmt: skip
     out("| " + " | ".join(header) + " |")
     out("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
     for row in rows:
@@ -237,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--concurrency", default="1,4,8", help="unary levels ('' for none)")
     parser.add_argument("--streams", default="1,4,8", help="real-time stream levels ('' for none)")
+    parser.add_argument("--clips-per-stream", type=int, default=3, help="clips each stream sends")
     parser.add_argument("--engine", default="continuous", help="the server's --engine")
     parser.add_argument("--max-active", type=int, default=16, help="the server's --max-active")
     parser.add_argument("--max-batch-size", type=int, default=8)
@@ -271,7 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = EmbeddedServer(settings, model).start()
     try:
         rows += [bench_grpc(server, clips, c, args.rounds) for c in levels]
-        stream_rows = [bench_streams(server, clips, n) for n in stream_levels]
+        stream_rows = [
+            bench_streams(server, clips, n, args.clips_per_stream) for n in stream_levels
+        ]
     finally:
         server.stop()
     print_table(rows)

@@ -57,6 +57,7 @@ class Segment:
     confidence: float
     no_speech_prob: float
     words: tuple[Word, ...]
+    tokens: tuple[int, ...] = ()  # the model's token ids of `text` (drafts for re-decodes)
 
 
 @dataclass(frozen=True)
@@ -166,8 +167,8 @@ class Recognizer:
     def _tasks(
         self, windows: list[Window], options: DecodeOptions
     ) -> list[tuple[Window, WindowTask]]:
-        # A known prefix belongs to the window the audio starts with, no other.
-        rest = dataclasses.replace(options, prefix="") if options.prefix else options
+        # A draft is of the window the audio starts with, no other.
+        rest = dataclasses.replace(options, draft=()) if options.draft else options
         return [
             (
                 w,
@@ -192,4 +193,5 @@ def _segment(window: Window, result: WindowResult, offset_s: float) -> Segment:
         result.confidence,
         result.no_speech_prob,
         words,
+        result.tokens,
     )

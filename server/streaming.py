@@ -8,9 +8,10 @@ the same micro-batch as unary requests and other streams, so many streams share 
 
 Interim text doesn't flicker: a word prefix is committed once two consecutive decodes agree
 on it (LocalAgreement-2), and later interims always start with the committed words; `stability`
-is the committed share of the interim text. Later interims of the utterance pass the committed
-words as `DecodeOptions.prefix`: the continuous engine forces them in one prefill pass and
-decodes only the new words, so an interim costs an encoder pass and a few steps. Only the
+is the committed share of the interim text. Each decode after the first passes the last
+interim's tokens as `DecodeOptions.draft`: the continuous engine verifies them in one pass and
+decodes step by step only from the first word the model disagrees with, so a re-decode (and a
+final) costs an encoder pass and a few steps, with the transcript of a plain decode. Only the
 worker thread touches the model: this module only awaits the shared Recognizer.
 
 Tasks per stream: a reader that pulls audio off the wire (and stops pulling when `buffer_s`
@@ -100,6 +101,7 @@ class Utterance:
         self.new_since_decode_s = 0.0
         self.committed: list[str] = []
         self.last_hypothesis: list[str] = []
+        self.last_tokens: tuple[int, ...] = ()  # the last interim's, the next decode's draft
         self._partial = np.zeros(0, dtype=np.float32)  # < one frame, not yet classified
 
     @property
@@ -155,17 +157,15 @@ class Utterance:
         start = self.start_s
         self.start_s += samples / SAMPLE_RATE
         self.audio = np.zeros(0, dtype=np.float32)
-        self.committed, self.last_hypothesis = [], []
+        self.committed, self.last_hypothesis, self.last_tokens = [], [], ()
         self.speech_seen, self.trailing_silence_s = False, 0.0
         self.push(rest)  # re-classify what was carried over
         self.new_since_decode_s = len(self.audio) / SAMPLE_RATE
         return head, start
 
-    def with_committed(self, options: DecodeOptions) -> DecodeOptions:
-        """Decode options whose transcript starts with the committed words: the continuous
-        engine forces them and decodes only the rest, so a re-decode costs steps for the new
-        words only."""
-        return dataclasses.replace(options, prefix=" ".join(self.committed))
+    def with_draft(self, options: DecodeOptions) -> DecodeOptions:
+        """Decode options with the last interim's tokens as a draft (see the module doc)."""
+        return dataclasses.replace(options, draft=self.last_tokens)
 
     def agree(self, text: str) -> tuple[str, float]:
         """LocalAgreement-2: commit the words two consecutive hypotheses share beyond what is
@@ -361,10 +361,9 @@ async def _finals(
 ) -> AsyncIterator[StreamEvent]:
     """Finals for every endpoint in the audio so far (then END_OF_SINGLE_UTTERANCE if asked)."""
     while (cut := utterance.endpoint(closing)) is not None:
-        # A final is a full decode of its audio (not forced with the committed words), so it
-        # depends on the audio alone: the same audio sent at any pace gives the same finals.
+        options = utterance.with_draft(cfg.options)  # verified: the final is still the audio's
         samples, start_s = utterance.take(cut)
-        result = await recognizer.recognize_samples(samples, cfg.options, offset_s=start_s)
+        result = await recognizer.recognize_samples(samples, options, offset_s=start_s)
         if result.text:
             end_s = start_s + len(samples) / SAMPLE_RATE
             language = result.segments[0].language
@@ -388,7 +387,7 @@ class _Interim:
     @classmethod
     def start(cls, utterance: Utterance, recognizer: Recognizer, cfg: StreamSettings) -> _Interim:
         utterance.new_since_decode_s = 0.0
-        options = utterance.with_committed(cfg.options)
+        options = utterance.with_draft(cfg.options)
         decode = recognizer.recognize_samples(utterance.audio, options, background=True)
         start_s = utterance.start_s
         return cls(asyncio.ensure_future(decode), start_s, start_s + utterance.duration_s)
@@ -403,7 +402,9 @@ class _Interim:
         if not result.text:
             return None
         text, stability = utterance.agree(result.text)
-        language = result.segments[0].language
+        segments = result.segments
+        utterance.last_tokens = segments[0].tokens if len(segments) == 1 else ()
+        language = segments[0].language
         interim = StreamResult(text, False, stability, self.start_s, self.end_s, language)
         return StreamEvent(interim, timing=result.timing)
 

@@ -24,9 +24,11 @@ class DecodeOptions:
     beam_size: int = 1
     prompt: str = ""
     word_timestamps: bool = False
-    # Text this window's transcript is known to start with (a stream's committed words). The
-    # continuous engine forces it and decodes only what follows; other paths may ignore it.
-    prefix: str = ""
+    # A guess of this window's tokens (`WindowResult.tokens` of an earlier decode by the same
+    # model: a stream's last interim). The continuous engine verifies it in one pass and
+    # decodes only the rest; the transcript is the same as without it, so other paths may
+    # ignore it.
+    draft: tuple[int, ...] = ()
 
 
 @dataclass
@@ -57,6 +59,7 @@ class WindowResult:
     confidence: float = 0.0  # geometric mean of token probabilities, 0 when unknown
     no_speech_prob: float = 0.0
     words: tuple[Word, ...] = ()
+    tokens: tuple[int, ...] = ()  # the text's token ids, for drafts (empty when unknown)
 
 
 @dataclass(frozen=True)

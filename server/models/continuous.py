@@ -393,7 +393,7 @@ class ContinuousEngine:
                 [r.task.features for r in joining],
                 [self.runtime.prompt(o) or [] for o in options],
                 joining,
-                [self.runtime.prefix(o) for o in options],
+                [self.runtime.draft(o) for o in options],
             )
             self._counts["joined"] += len(seqs)
             self._finish([s for s in seqs if s.finished])

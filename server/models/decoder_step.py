@@ -15,10 +15,10 @@ MLP, proj_out) in the operation order of transformers' `WhisperAttention` with
 
 `GreedyRuntime` adds what `generate` does around the logits in greedy short-form mode: the
 prompt from the generation config, the suppress rules, the stop condition (end-of-text or
-max_new_tokens), and the no-speech probability and confidence `WhisperModel` reports. It can
-also force a text prefix after the prompt (`DecodeOptions.prefix`: a stream's committed
-words), run in the same prefill pass, so that only the rest of the transcript is decoded
-step by step.
+max_new_tokens), and the no-speech probability and confidence `WhisperModel` reports. A
+draft of the transcript (`DecodeOptions.draft`: a stream's last interim tokens) is verified in the
+prompt's prefill pass, as in speculative decoding: the tokens greedy decoding agrees with are
+kept and only the rest is decoded step by step, with the same result.
 
 Only the model worker thread uses these.
 """
@@ -221,7 +221,6 @@ class DecodeSequence:
     logprobs: list[float] = field(default_factory=list)
     finished: bool = False
     most_rows: int = 0  # the most sequences it was decoded together with
-    forced: list[int] = field(default_factory=list)  # prefix tokens forced after the prompt
 
 
 class GreedyRuntime:
@@ -305,14 +304,11 @@ class GreedyRuntime:
         return ids
 
     # -- joining, stepping, leaving -----------------------------------------------------
-    def prefix(self, options: DecodeOptions) -> list[int]:
-        """The tokens of `options.prefix`, forced after the prompt (none without a prefix)."""
-        text = options.prefix.strip()
-        if not text:
-            return []
-        tokens = self.model.tokenizer.encode(" " + text, add_special_tokens=False)
-        # Leave the decoder most of its 448 positions; a longer prefix is not forced at all.
-        return [int(t) for t in tokens] if len(tokens) <= self.decoder.max_positions // 2 else []
+    def draft(self, options: DecodeOptions) -> list[int]:
+        """The draft tokens of `options` (see `join`), if they fit the decoder comfortably."""
+        draft = list(options.draft)
+        # Leave the decoder most of its 448 positions; a longer draft is not used at all.
+        return draft if len(draft) <= self.decoder.max_positions // 2 else []
 
     @torch.inference_mode()
     def join(
@@ -320,15 +316,21 @@ class GreedyRuntime:
         features: list[np.ndarray],
         prompts: list[list[int]],
         owners: list[Any],
-        forced: list[list[int]] | None = None,
+        drafts: list[list[int]] | None = None,
     ) -> list[DecodeSequence]:
-        """Encode windows in one batch, run their prompts (then their `forced` prefix tokens,
-        if any) in one pass per prompt length, pick their first tokens; they take the next
-        free slots. Some may finish at once (check `finished`). Returned in input order."""
+        """Encode windows in one batch, run each prompt followed by its draft tokens (if any)
+        in one causal pass per input length, and pick the first tokens; they take the next
+        free slots. Some may finish at once (check `finished`). Returned in input order.
+
+        A draft is a guess of how the transcript starts (a stream's earlier words). It is
+        verified, not forced: the pass gives the model's greedy choice at every draft
+        position, the draft is kept up to the first token the model would not have chosen,
+        and decoding goes on from there with the model's own token. So a draft only saves
+        steps; the transcript is what plain greedy decoding gives (up to float sums)."""
         if len(self.active) + len(features) > self.max_active:
             raise ValueError("more sequences than max_active")
-        forced = forced or [[] for _ in prompts]
-        inputs = [p + f for p, f in zip(prompts, forced, strict=True)]
+        drafts = drafts or [[] for _ in prompts]
+        inputs = [p + d for p, d in zip(prompts, drafts, strict=True)]
         # Slots in order of input length, so each length is one contiguous prefill.
         order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
         batch = torch.from_numpy(np.stack([features[i] for i in order]))
@@ -343,23 +345,40 @@ class GreedyRuntime:
             ids = torch.as_tensor([inputs[i] for i in group], device=self.device)
             logits = self.decoder.prefill(first + start, ids).float()  # (k, T, vocab)
             no_speech = self._no_speech_probs(logits[:, 0])
-            room = self.decoder.max_positions - length
-            seqs = [
-                DecodeSequence(
-                    # The token limit is the transcript's, forced prefix included.
-                    owners[i], prompts[i], max(1, min(self.max_new_tokens - len(forced[i]), room)),
-                    _language_of(prompts[i], self.lang_to_id) if self.multilingual else "en",
-                    p_no_speech, forced=forced[i],
-                )
-                for i, p_no_speech in zip(group, no_speech, strict=True)
-            ]  # fmt: skip
+            seqs, decisions = [], []
+            for row, i in enumerate(group):
+                prompt = prompts[i]
+                seq = DecodeSequence(
+                    owners[i], prompt,
+                    min(self.max_new_tokens, self.decoder.max_positions - len(prompt)),
+                    _language_of(prompt, self.lang_to_id) if self.multilingual else "en",
+                    no_speech[row],
+                )  # fmt: skip
+                decisions.append(self._verify(seq, drafts[i], logits[row, len(prompt) - 1 :]))
+                self.decoder.lengths[first + start + row] = len(prompt) + len(seq.tokens)
+                seqs.append(seq)
             self.active += seqs
-            # begin_suppress_tokens apply where generation begins: not after a forced prefix.
-            at_begin = torch.as_tensor([not s.forced for s in seqs], device=self.device)
-            self._choose(seqs, self.suppression.apply(logits[:, -1], at_begin))
+            self._choose(seqs, torch.stack(decisions))
             joined.update(zip(group, seqs, strict=True))
             start += len(group)
         return [joined[i] for i in range(len(inputs))]
+
+    def _verify(self, seq: DecodeSequence, draft: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """Keep the draft tokens greedy decoding agrees with (into seq.tokens); return the
+        processed scores at the first position left to choose. `logits` (len(draft) + 1,
+        vocab) are those after the prompt's last token and after each draft token."""
+        first = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
+        first[0] = True  # begin_suppress_tokens apply at the first generated position only
+        scores = self.suppression.apply(logits, first)
+        choices = scores.argmax(dim=-1).tolist()
+        kept = 0
+        while kept < min(len(draft), seq.max_new_tokens - 1) and choices[kept] == draft[kept]:
+            kept += 1
+        if kept:
+            logp = torch.log_softmax(scores[:kept], dim=-1)
+            picked = logp.gather(1, torch.as_tensor(draft[:kept]).unsqueeze(1))[:, 0]
+            seq.tokens, seq.logprobs = draft[:kept], picked.tolist()
+        return scores[kept]
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -392,11 +411,12 @@ class GreedyRuntime:
         self.active = []
 
     def result(self, seq: DecodeSequence) -> WindowResult:
-        text = self.model.tokenizer.decode(seq.forced + seq.tokens, skip_special_tokens=True)
-        text = text.strip()
+        text = self.model.tokenizer.decode(seq.tokens, skip_special_tokens=True).strip()
         finite = [lp for lp in seq.logprobs if np.isfinite(lp)]
         confidence = float(np.exp(np.mean(finite))) if finite else 0.0
-        return WindowResult(text, seq.language, confidence, float(seq.no_speech_prob))
+        return WindowResult(
+            text, seq.language, confidence, float(seq.no_speech_prob), tokens=tuple(seq.tokens)
+        )
 
     def _choose(self, seqs: list[DecodeSequence], scores: torch.Tensor) -> None:
         """Greedy pick per row; a row that emits end-of-text or hits its limit finishes."""

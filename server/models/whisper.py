@@ -12,6 +12,7 @@ different decoding options (language, task, beam, prompt...) are decoded as sepa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
@@ -132,7 +133,8 @@ class WhisperModel(SpeechModel):
     def run_batch(self, tasks: list[WindowTask]) -> list[WindowResult]:
         groups: dict[DecodeOptions, list[int]] = defaultdict(list)
         for i, task in enumerate(tasks):
-            groups[task.options].append(i)
+            # Drafts only help the continuous engine: here they would split the batch.
+            groups[dataclasses.replace(task.options, draft=())].append(i)
         results: list[WindowResult | None] = [None] * len(tasks)
         for options, indices in groups.items():
             group = [tasks[i] for i in indices]
@@ -254,7 +256,9 @@ class WhisperModel(SpeechModel):
         confidence = float(np.exp(np.mean(finite))) if finite else 0.0
         words = self._words(d, duration_s) if d.times is not None else ()
         language = d.language or ("en" if not self.info.multilingual else "")
-        return WindowResult(text, language, confidence, float(no_speech_prob), words)
+        return WindowResult(
+            text, language, confidence, float(no_speech_prob), words, tuple(d.tokens)
+        )
 
     def _words(self, d: _Decoded, duration_s: float) -> tuple[Word, ...]:
         """Group tokens into words (a word starts at a token that begins with a space); a

@@ -149,3 +149,27 @@ def test_both_engines_behind_the_grpc_server_agree_and_export_metrics(real_setti
             assert "asr_decode_steps_total" not in exported
     same = sum(a == b for a, b in zip(texts["continuous"], texts["generate"], strict=True))
     assert same >= math.ceil(0.98 * len(items)), texts
+
+
+def test_drafts_save_steps_and_leave_the_tokens_of_generate(real_model, files) -> None:
+    """Real speech: a right draft (the transcript's tokens) or a half-wrong one (the first
+    half, then other words) gives exactly the tokens of generate, and a right draft needs no
+    step beyond the end-of-text check."""
+    runtime = GreedyRuntime(real_model, max_active=2)
+    prompt = runtime.prompt(DecodeOptions())
+    assert prompt is not None
+    other = real_model.tokenizer.encode(" banana telescope", add_special_tokens=False)
+    for f in files:
+        right = tuple(f.tokens)
+        wrong = (*f.tokens[: len(f.tokens) // 2], *other)
+        for draft in (right, wrong):
+            tokens = runtime.draft(DecodeOptions(draft=draft))
+            (seq,) = runtime.join([f.task.features], [prompt], [f.uid], [tokens])
+            steps = 0
+            while not seq.finished:
+                runtime.step()
+                steps += 1
+            runtime.leave([seq])
+            assert seq.tokens == f.tokens, (f.uid, draft)
+            if draft == right:
+                assert steps <= 1

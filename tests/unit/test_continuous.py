@@ -67,9 +67,6 @@ class FakeTokenizer:
     def decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
         return " ".join(f"w{t}" for t in tokens if not EOS <= t <= TRANSLATE)
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [int(word[1:]) for word in text.split()]
-
 
 class TinyWhisper(SpeechModel):
     """What the engine needs of a WhisperModel: .model, .tokenizer, .info, .max_new_tokens,
@@ -190,30 +187,38 @@ def test_prompts_follow_the_generation_config() -> None:
         assert multi.prompt(unsupported) is None
 
 
-def test_a_forced_prefix_is_decoded_on_from_and_prefixes_of_any_length_join_together() -> None:
-    """Greedy decoding forced with the start of its own transcript continues exactly as it
-    would have (a stream's committed words), for prefixes of different lengths in one join."""
+def test_drafts_are_verified_so_any_draft_gives_the_plain_greedy_transcript() -> None:
+    """A draft the model agrees with is taken in the prefill pass (fewer steps); a wrong or
+    too long one is cut at the first token greedy decoding would not choose. Drafts of
+    different lengths join in one encoder pass."""
     model = TinyWhisper()
     runtime = GreedyRuntime(model, max_active=8)
     feats = windows(6, seed=3)
     alone = [decode_alone(runtime, f, DecodeOptions()) for f in feats]
     assert all(len(seq.tokens) >= 3 for seq in alone)
-    options = [
-        DecodeOptions(prefix=model.tokenizer.decode(seq.tokens[: i % 3]))
-        for i, seq in enumerate(alone)
+    drafts = [
+        alone[0].tokens[:2],  # right
+        alone[1].tokens,  # right, the whole transcript
+        [*alone[2].tokens, 11, 12],  # right, then words the audio doesn't have
+        [alone[3].tokens[0], (alone[3].tokens[1] + 1) % 90, 4],  # wrong from the second token
+        [],  # none
+        [(alone[5].tokens[0] + 1) % 90],  # wrong from the start
     ]
+    options = [DecodeOptions(draft=tuple(d)) for d in drafts]
+    assert [runtime.draft(o) for o in options] == drafts
     prompt = runtime.prompt(DecodeOptions())
     assert prompt is not None
-    seqs = runtime.join(
-        feats, [prompt] * len(feats), list(range(len(feats))), [runtime.prefix(o) for o in options]
-    )
+    seqs = runtime.join(feats, [prompt] * len(feats), list(range(len(feats))), drafts)
     assert [s.owner for s in seqs] == list(range(len(feats)))  # input order, whatever the slots
+    after_join = [len(s.tokens) for s in seqs]
     while not all(s.finished for s in seqs):
         runtime.step()
-    for i, (seq, want) in enumerate(zip(seqs, alone, strict=True)):
-        assert seq.forced == want.tokens[: i % 3]
-        assert seq.tokens == want.tokens[i % 3 :]  # only the rest was decoded step by step
-        assert runtime.result(seq).text == runtime.result(want).text
+    for seq, want in zip(seqs, alone, strict=True):
+        assert seq.tokens == want.tokens
+        assert_same(runtime.result(seq), runtime.result(want))
+    # tokens known after the join: the agreed draft plus the model's next choice
+    assert after_join[0] == 3 and after_join[4] == 1 and after_join[5] == 1
+    assert after_join[3] == 2
 
 
 def test_sequences_joining_and_leaving_mid_decode_match_running_alone() -> None:
