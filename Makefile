@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 50051
 MODEL ?= tiny.en
 
-.PHONY: install model serve test lint typecheck pytest protos bench freeze clean images loadtest
+.PHONY: install model serve test lint typecheck pytest protos bench bench-engines freeze clean images loadtest
 
 # Idempotent: the stamp is newer than the files it was made from, so a second run is instant.
 $(STAMP): pyproject.toml constraints.txt
@@ -52,6 +52,10 @@ BENCH_DATASET ?= ../shared/data/LibriSpeech
 
 bench: model
 	$(PY) -m server.bench --dataset $(BENCH_DATASET) --model $(MODEL)
+
+# The continuous engine against the generate engine and in-process generate (long: ~25 min here).
+bench-engines: model
+	$(PY) scripts/bench_engines.py --dataset $(BENCH_DATASET) --model $(MODEL)
 
 LOADTEST_PORT ?= 50071
 DATASET ?= librispeech:test-clean

@@ -1,7 +1,7 @@
 """Continuous (iteration-level) batching against generate-based micro-batching, side by side:
 same weights, same files, one process, one run, so the ratios hold on a noisy shared machine.
 
-    .venv/bin/python scripts/bench_engines.py [--split test-other] [--files 100]
+    .venv/bin/python scripts/bench_engines.py [--dataset DIR] [--split test-other] [--files 100]
         [--concurrency 1,4,8,16] [--max-active 16] [--max-batch-size 8]
 
 Configurations: in-process references, transformers `generate` on batches of 1 and of
@@ -41,7 +41,7 @@ from server.config import Settings  # noqa: E402
 from server.embedded import EmbeddedServer  # noqa: E402
 from server.evaluation import word_error_rate  # noqa: E402
 
-LIBRISPEECH = ROOT.parent / "shared" / "data" / "LibriSpeech"
+LIBRISPEECH = ROOT.parent / "shared" / "data" / "LibriSpeech"  # the default --dataset
 CHANNEL = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
@@ -91,9 +91,9 @@ class Row:
         ]
 
 
-def load_clips(split: str, limit: int) -> list[Clip]:
+def load_clips(dataset: Path, split: str, limit: int) -> list[Clip]:
     clips: list[Clip] = []
-    for trans in sorted((LIBRISPEECH / split).rglob("*.trans.txt")):
+    for trans in sorted((dataset / split).rglob("*.trans.txt")):
         for line in trans.read_text().splitlines():
             uid, _, text = line.partition(" ")
             path = trans.parent / f"{uid}.flac"
@@ -102,7 +102,7 @@ def load_clips(split: str, limit: int) -> list[Clip]:
                 assert rate == 16_000 and samples.ndim == 1, path
                 clips.append(Clip(uid, path.read_bytes(), samples, text))
     if not clips:
-        raise SystemExit(f"no LibriSpeech files under {LIBRISPEECH / split}")
+        raise SystemExit(f"no LibriSpeech files under {dataset / split}")
     return clips
 
 
@@ -284,10 +284,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument(
-        "--split", default="test-other", help="LibriSpeech split under ../shared/data"
+        "--dataset", type=Path, default=LIBRISPEECH, help="LibriSpeech root (official layout)"
     )
+    parser.add_argument("--split", default="test-other", help="LibriSpeech split under --dataset")
     parser.add_argument("--files", type=int, default=100)
     parser.add_argument("--model", default="tiny.en")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    parser.add_argument("--dtype", default="auto", help="auto: fp16 on GPU, fp32 on CPU")
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--engines", default="generate,continuous")
     parser.add_argument(
@@ -312,8 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     resolved = resolve_model(args.model, Path.home() / ".cache" / "whisper-grpc")
-    model = WhisperModel(resolved.name_or_path, args.model, device="cpu", dtype="float32")
-    clips = load_clips(args.split, args.files)
+    model = WhisperModel(resolved.name_or_path, args.model, device=args.device, dtype=args.dtype)
+    clips = load_clips(args.dataset, args.split, args.files)
     lengths = [c.duration_s for c in clips]
     print(f"{len(clips)} files of {args.split}, {sum(lengths):.0f} s of audio "
           f"({min(lengths):.1f}-{max(lengths):.1f} s); {args.model}, {args.threads} threads",

@@ -23,7 +23,9 @@ for all of it. Here the decoder runs one token at a time over whatever sequences
   (fallback): they hold the decode batch up for as long as that call takes.
 - Admission: at most `max_active` sequences decode at once (each holds its caches: see
   `decoder_step.suggest_max_active`), at most `max_encoder_batch` windows join at a time, in
-  arrival order, urgent windows before background ones (streams' interims).
+  arrival order, urgent windows before background ones (streams' interims); background
+  windows join only while no urgent sequence is decoding, so an interim's encoder pass never
+  holds up a final or a unary request mid-decode.
 
 Threads: `ContinuousEngine` is used from the asyncio loop (enqueue, futures, lifecycle); the
 decode loop runs as one job on the executor given (the single model worker thread, the only
@@ -113,6 +115,7 @@ class _Request:
     future: asyncio.Future[Batched[WindowResult]]
     enqueued: float
     deadline: float | None = None  # monotonic seconds
+    background: bool = False  # a stream's interim: best effort
     joined: float = 0.0  # when it left the queue
     batch_id: int = 0  # the encoder (or fallback) batch it joined with
     closed: bool = False  # its outcome was sent (worker thread only)
@@ -213,7 +216,9 @@ class ContinuousEngine:
             raise UnavailableError("server is shutting down and takes no new requests")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        requests = [_Request(item, loop.create_future(), now, deadline) for item in items]
+        requests = [
+            _Request(item, loop.create_future(), now, deadline, background) for item in items
+        ]
         with self._lock:
             if self.depth + len(items) > self.config.max_queue_size:
                 raise QueueFullError(
@@ -329,10 +334,16 @@ class ContinuousEngine:
         fallback: list[_Request] = []
         now = time.monotonic()
         expired: list[_Request] = []
+        # Background windows wait while urgent ones decode: each join is an encoder pass that
+        # holds every decoding sequence up, and a final or a unary request shouldn't pay that
+        # for an interim (on a CPU, a pass costs as much as a dozen steps).
+        background = self._background
+        if any(not seq.owner.background for seq in self.runtime.active):
+            background = collections.deque()
         with self._lock:
             if not self._join_now(free, now):
                 return joining, fallback
-            while queue := self._pending or self._background:  # urgent windows first
+            while queue := self._pending or background:  # urgent windows first
                 r = queue[0]
                 if r.deadline is not None and now >= r.deadline:
                     expired.append(r)

@@ -458,6 +458,23 @@ async def test_background_windows_join_after_urgent_ones(worker) -> None:
     await engine.stop()
 
 
+async def test_an_interim_does_not_join_while_urgent_windows_decode(worker) -> None:
+    """An interim arriving mid-decode waits (its encoder pass would hold the final up);
+    an urgent window arriving at the same time joins at once."""
+    engine = make(TinyWhisper(suppress_eos=True), worker, max_active=4)
+    a, b, c = windows(3)
+    steps = StepGate(engine, hold=True)
+    first = asyncio.ensure_future(engine.submit(task(a)))
+    assert await asyncio.to_thread(steps.entered.wait, 10)  # a is decoding, held mid-step
+    interim = engine.enqueue([task(b)], background=True)[0]
+    urgent = engine.enqueue([task(c)])[0]
+    steps.gate.set()
+    done = await asyncio.wait_for(asyncio.gather(first, urgent, interim), 30)
+    assert [r.batch_size for r in done] == [2, 2, 1]  # a and c together; the interim alone
+    assert done[2].batch_id > done[1].batch_id
+    await engine.stop()
+
+
 async def test_with_nothing_decoding_a_window_joins_without_waiting_for_company(worker) -> None:
     engine = make(TinyWhisper(), worker, min_encoder_batch=4, max_join_wait_ms=600_000)
     result = await asyncio.wait_for(engine.submit(task(windows(1)[0])), 30)

@@ -249,6 +249,8 @@ def test_gpu_profile_reserves_its_gpu_with_settings_tuned_for_the_card(
         wait_ms,
     )
     assert settings.max_queue_size == queue == 8 * batch
+    # The continuous engine keeps 4 encoder batches in flight.
+    assert (settings.engine, settings.max_active) == ("continuous", 4 * batch)
     assert settings.device == "cuda"
     assert settings.model == "base"
     if card in NO_BFLOAT16:
@@ -271,6 +273,7 @@ def test_cpu_profile_runs_without_a_gpu(services: Services) -> None:
         wait_ms,
     )
     assert settings.max_queue_size == queue
+    assert settings.max_active == 2 * batch  # a CPU step grows with its rows: few in flight
     assert "server" in aliases(server)
 
 
@@ -305,6 +308,7 @@ def test_multi_gpu_profile_runs_one_replica_per_gpu_behind_envoy(
             wait_ms,
             queue,
         )
+        assert settings.max_active == 4 * batch
     assert "envoy" in on
     assert published(on["envoy"]) == {50051: ("127.0.0.1", "50051")}
 
