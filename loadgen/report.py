@@ -294,8 +294,11 @@ def run_page(meta: dict[str, Any], summaries: Sequence[LevelSummary], plots: Seq
         ),
         (
             "batching",
-            f"max_batch_size {info.get('max_batch_size')}, max_wait_ms {info.get('max_wait_ms')}, "
-            f"max_queue_size {info.get('max_queue_size')}",
+            f"engine {info.get('engine') or 'generate'}"
+            + (f", max_active {info['max_active']}" if info.get("max_active") else "")
+            + f", max_batch_size {info.get('max_batch_size')}"
+            + f", max_wait_ms {info.get('max_wait_ms')}"
+            + f", max_queue_size {info.get('max_queue_size')}",
         ),
         (
             "data set",

@@ -73,6 +73,11 @@ class WindowBatcher(Protocol):
     priority, cancellation and deadlines, announced requests, and a drain on shutdown."""
 
     @property
+    def engine(self) -> str:
+        """The `--engine` name this batcher implements."""
+        ...
+
+    @property
     def config(self) -> _Limits: ...
 
     @property
@@ -130,6 +135,8 @@ class MicroBatcher(Generic[In, Out]):
     executor: Executor
     config: BatcherConfig = field(default_factory=BatcherConfig)
     on_batch: Callable[[BatchStats], None] | None = None
+
+    engine = "generate"  # not a field: what GetServerInfo reports
 
     def __post_init__(self) -> None:
         self._queue: collections.deque[_Pending[In, Out]] = collections.deque()

@@ -131,7 +131,9 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
     async def GetServerInfo(
         self, request: asr_pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> asr_pb2.ServerInfo:
-        info = self._ready().model.info
+        recognizer = self._ready()
+        info = recognizer.model.info
+        engine = recognizer.batcher.engine
         s = self.settings
         return asr_pb2.ServerInfo(
             model_id=info.model_id,
@@ -148,6 +150,8 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
             transformers_version=_version("transformers"),
             max_message_bytes=s.max_message_bytes,
             languages=list(info.languages),
+            engine=engine,
+            max_active=s.max_active if engine == "continuous" else 0,
         )
 
     def _convert_config(

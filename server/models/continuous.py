@@ -131,6 +131,8 @@ class ContinuousEngine:
     infer_s (joining to its end-of-text), batch_size (the most sequences it was decoded with)
     and batch_id (its encoder batch)."""
 
+    engine = "continuous"
+
     def __init__(
         self,
         model: SpeechModel,

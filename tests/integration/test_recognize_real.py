@@ -121,3 +121,4 @@ def test_server_info_describes_the_real_model(real_server):
     assert info.model_id == "tiny.en" and not info.multilingual
     assert info.device == "cpu" and info.dtype == "float32"
     assert list(info.languages) == ["en"]
+    assert (info.engine, info.max_active) == ("continuous", 16)

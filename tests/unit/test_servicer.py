@@ -177,6 +177,8 @@ def test_server_info(served):
     assert info.model_id == "fake"
     assert info.max_batch_size == 4 and info.max_queue_size == 8 and info.max_wait_ms == 50
     assert info.server_version and info.torch_version and info.transformers_version
+    # The fake model has no step-by-step decoder: the micro-batcher serves it.
+    assert (info.engine, info.max_active) == ("generate", 0)
 
 
 def test_health_serving_for_overall_and_speech(served):
