@@ -103,6 +103,33 @@ class WindowBatcher(Protocol):
     async def stop(self) -> None: ...
 
 
+async def gather_or_cancel(futures: list[asyncio.Future[Batched[Out]]]) -> list[Batched[Out]]:
+    """All the results, in order; if the caller is cancelled (or one fails), the rest are
+    cancelled, so no engine spends model time on a request nobody waits for."""
+    try:
+        return list(await asyncio.gather(*futures))
+    except BaseException:
+        for fut in futures:
+            fut.cancel()
+        raise
+
+
+def queue_full(depth: int, limit: int, needed: int) -> QueueFullError:
+    return QueueFullError(
+        f"server queue is full ({depth} of {limit} windows waiting, this request needs "
+        f"{needed}); retry with backoff"
+    )
+
+
+async def wait_idle(idle: asyncio.Event, timeout_s: float) -> bool:
+    """Wait up to timeout_s for `idle`; True if it was set in time."""
+    try:
+        await asyncio.wait_for(idle.wait(), timeout_s)
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
 @dataclass
 class _Pending(Generic[In, Out]):
     item: In
@@ -168,13 +195,7 @@ class MicroBatcher(Generic[In, Out]):
     ) -> list[Batched[Out]]:
         """Queue all items or none; wait for all their results. Cancelling the caller cancels
         its queued items, which are then skipped before inference."""
-        futures = self.enqueue(items, deadline, background)
-        try:
-            return list(await asyncio.gather(*futures))
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise
+        return await gather_or_cancel(self.enqueue(items, deadline, background))
 
     @contextlib.contextmanager
     def preparing(self) -> Iterator[None]:
@@ -196,10 +217,7 @@ class MicroBatcher(Generic[In, Out]):
         if not self._accepting:
             raise UnavailableError("server is shutting down and takes no new requests")
         if self.depth + len(items) > self.config.max_queue_size:
-            raise QueueFullError(
-                f"server queue is full ({self.depth} of {self.config.max_queue_size} "
-                f"windows waiting, this request needs {len(items)}); retry with backoff"
-            )
+            raise queue_full(self.depth, self.config.max_queue_size, len(items))
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         pendings = [_Pending(item, loop.create_future(), now, deadline) for item in items]
@@ -217,11 +235,7 @@ class MicroBatcher(Generic[In, Out]):
         """Stop accepting; wait up to timeout_s for queued and running items. True if drained."""
         self._accepting = False
         self._arrived.set()
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        return await wait_idle(self._idle, timeout_s)
 
     async def stop(self) -> None:
         self._accepting = False

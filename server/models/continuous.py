@@ -51,8 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from server.batcher import Batched, BatchStats
-from server.errors import BatchError, DeadlineExceededError, QueueFullError, UnavailableError
+from server.batcher import Batched, BatchStats, gather_or_cancel, queue_full, wait_idle
+from server.errors import BatchError, DeadlineExceededError, UnavailableError
 from server.models.base import SpeechModel, WindowResult, WindowTask
 from server.models.decoder_step import DecodeSequence, GreedyRuntime
 
@@ -190,13 +190,7 @@ class ContinuousEngine:
     ) -> list[Batched[WindowResult]]:
         """Queue all items or none; wait for all their results. Cancelling the caller cancels
         its windows: queued ones are skipped, decoding ones leave at the next step."""
-        futures = self.enqueue(items, deadline, background)
-        try:
-            return list(await asyncio.gather(*futures))
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise
+        return await gather_or_cancel(self.enqueue(items, deadline, background))
 
     @contextlib.contextmanager
     def preparing(self) -> Iterator[None]:
@@ -223,10 +217,7 @@ class ContinuousEngine:
         ]
         with self._lock:
             if self.depth + len(items) > self.config.max_queue_size:
-                raise QueueFullError(
-                    f"server queue is full ({self.depth} of {self.config.max_queue_size} "
-                    f"windows waiting, this request needs {len(items)}); retry with backoff"
-                )
+                raise queue_full(self.depth, self.config.max_queue_size, len(items))
             (self._background if background else self._pending).extend(requests)
         self._idle.clear()
         self._kick()
@@ -242,11 +233,7 @@ class ContinuousEngine:
         """Stop accepting; wait up to timeout_s for queued and decoding windows. True if
         drained."""
         self._accepting = False
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        return await wait_idle(self._idle, timeout_s)
 
     async def stop(self) -> None:
         """Refuse new work, fail what is queued, end the decode loop at its next step (its
