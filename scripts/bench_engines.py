@@ -146,6 +146,7 @@ class Engine:
         settings = Settings(
             engine=kind, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
             max_prepare_wait_ms=args.max_prepare_wait_ms, max_active=args.max_active,
+            max_join_share=args.max_join_share,
             max_queue_size=1024, no_speech_threshold=1.0, silence_dbfs=-200.0, warmup=False,
         )  # fmt: skip
         self.server = EmbeddedServer(settings, model).start()
@@ -300,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-wait-ms", type=float, default=10.0, help="generate engine")
     parser.add_argument("--max-prepare-wait-ms", type=float, default=100.0, help="generate engine")
     parser.add_argument("--max-active", type=int, default=16, help="continuous engine")
+    parser.add_argument("--max-join-share", type=float, default=1.0, help="continuous engine")
     parser.add_argument("--block", type=int, default=50, help="files per block (see run_all)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = parser.parse_args(argv)

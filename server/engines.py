@@ -38,7 +38,7 @@ def build_batcher(
 
         config = EngineConfig(
             max_active=s.max_active, max_encoder_batch=s.max_batch_size,
-            max_queue_size=s.max_queue_size,
+            max_queue_size=s.max_queue_size, max_join_share=s.max_join_share,
         )  # fmt: skip
         return ContinuousEngine(model, executor, config, on_batch)
     if s.engine == "continuous":

@@ -71,6 +71,10 @@ class EngineConfig:
     # encoder runs on fuller batches; otherwise they join at the next step.
     min_encoder_batch: int = 1
     max_join_wait_ms: float = 0.0
+    # Each join (an encoder pass) holds every decoding sequence up. New windows wait while a
+    # decoding sequence has spent more than this share of its decoding time held up so, so a
+    # long transcript still progresses while short requests come and go (the p99). 1: off.
+    max_join_share: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_active < 1:
@@ -83,6 +87,8 @@ class EngineConfig:
             raise ValueError("min_encoder_batch must be between 1 and max_encoder_batch")
         if self.max_join_wait_ms < 0:
             raise ValueError(f"max_join_wait_ms must be >= 0, not {self.max_join_wait_ms}")
+        if not 0 < self.max_join_share <= 1:
+            raise ValueError(f"max_join_share must be in (0, 1], not {self.max_join_share}")
 
     @property
     def max_batch_size(self) -> int:
@@ -117,6 +123,8 @@ class _Request:
     deadline: float | None = None  # monotonic seconds
     background: bool = False  # a stream's interim: best effort
     joined: float = 0.0  # when it left the queue
+    decoding: float = 0.0  # when its own join pass ended (worker thread)
+    held_s: float = 0.0  # time since then spent in other windows' join or fallback passes
     batch_id: int = 0  # the encoder (or fallback) batch it joined with
     closed: bool = False  # its outcome was sent (worker thread only)
 
@@ -359,6 +367,11 @@ class ContinuousEngine:
             return True
         if free <= 0 or not self.depth:
             return False
+        if self.config.max_join_share < 1 and any(
+            seq.owner.held_s > self.config.max_join_share * (now - seq.owner.decoding)
+            for seq in self.runtime.active
+        ):
+            return False  # let the sequences decoding now catch up first
         if self.depth >= min(free, self.config.min_encoder_batch) or not self._preparing:
             return True  # enough for a batch, or nobody else is on the way
         oldest = min(q[0].enqueued for q in (self._pending, self._background) if q)
@@ -379,8 +392,15 @@ class ContinuousEngine:
             for seq, error in gone:
                 self._close(seq.owner, error)
 
+    def _hold(self, held: list[DecodeSequence], started: float) -> None:
+        """Charge a join or fallback pass to the sequences it held up."""
+        now = time.monotonic()
+        for seq in held:
+            seq.owner.held_s += now - started
+
     def _join(self, joining: list[_Request]) -> None:
         started = time.monotonic()
+        held = list(self.runtime.active)
         self._batches += 1
         for r in joining:
             r.batch_id = self._batches
@@ -405,7 +425,11 @@ class ContinuousEngine:
             for r in joining:
                 self._close(r, BatchError(f"model failed on a batch of {len(joining)}: {name}"))
         self._seconds["join"] += time.monotonic() - started
-        self._report(joining, time.monotonic() - started, ok)
+        self._hold(held, started)
+        now = time.monotonic()
+        for r in joining:
+            r.decoding = now
+        self._report(joining, now - started, ok)
 
     def _step(self) -> None:
         rows = len(self.runtime.active)
@@ -439,6 +463,7 @@ class ContinuousEngine:
 
     def _run_fallback(self, batch: list[_Request]) -> None:
         started = time.monotonic()
+        held = list(self.runtime.active)
         self._batches += 1
         ok = False
         try:
@@ -456,6 +481,7 @@ class ContinuousEngine:
             for r in batch:
                 self._close(r, failure)
         infer_s = time.monotonic() - started
+        self._hold(held, started)
         # Counted before the callers hear back, so whoever reads stats() after a reply sees it.
         self._counts["fallback_windows"] += len(batch)
         self._seconds["fallback"] += infer_s

@@ -30,6 +30,7 @@ def test_defaults_are_valid():
         ({"model": " "}, "model"),
         ({"engine": "vllm"}, "engine must be one of continuous, generate"),
         ({"max_active": 0}, "max_active"),
+        ({"max_join_share": 0}, "max_join_share"),
     ],
 )
 def test_invalid_settings_are_named(changes, message):

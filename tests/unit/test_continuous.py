@@ -513,3 +513,25 @@ def test_config_is_validated() -> None:
                 {"min_encoder_batch": 9}, {"max_join_wait_ms": -1}):  # fmt: skip
         with pytest.raises(ValueError):
             EngineConfig(**bad)
+
+
+async def test_new_windows_wait_while_a_decoding_sequence_is_held_up_too_long(worker) -> None:
+    """The tail guard: a sequence that has spent more than max_join_share of its decoding
+    time in other windows' encoder passes gets steps before anyone else joins."""
+    import time as clock
+
+    from server.models.continuous import _Request
+    from server.models.decoder_step import DecodeSequence
+
+    engine = ContinuousEngine(TinyWhisper(), worker, EngineConfig(max_join_share=0.5))
+    loop = asyncio.get_running_loop()
+    now = clock.monotonic()
+    owner = _Request(task(windows(1)[0]), loop.create_future(), now - 2.0, decoding=now - 1.0)
+    engine.runtime.active = [DecodeSequence(owner, [SOT], 10, "en")]
+    engine.enqueue([task(windows(1)[0])])  # not started: nothing runs it
+    owner.held_s = 0.4  # held 40% of its decoding time: a new window may join
+    assert engine._join_now(free=15, now=now)
+    owner.held_s = 0.6  # 60%: it decodes first
+    assert not engine._join_now(free=15, now=now)
+    engine.runtime.active = []
+    await engine.stop()
