@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from server.batcher import WindowBatcher
 from server.config import Settings
-from server.engines import build_batcher, uses_continuous
+from server.engines import build_batcher
 from server.interceptors import ErrorInterceptor
 from server.metrics import Metrics
 from server.models.base import SpeechModel
@@ -65,8 +65,8 @@ class ServerHandle:
         self.batcher = batcher
         batcher.start()
         self.metrics.queue_depth.set_function(lambda: batcher.depth)
-        if uses_continuous(s, model):
-            from server.models.continuous import ContinuousEngine  # torch is loaded by now
+        if batcher.engine == "continuous":
+            from server.models.continuous import ContinuousEngine  # build_batcher imported it
 
             assert isinstance(batcher, ContinuousEngine)
             self.metrics.watch_engine(batcher.stats)

@@ -43,13 +43,13 @@ class Settings:
     (the fake test model) always use `generate`."""
     max_batch_size: int = 8
     """Most 30 s windows in one model call (with `continuous`: in one encoder pass), 1..256."""
+    max_active: int = 16
+    """With `continuous`: most windows decoding at once (each holds its decoder caches,
+    about 23 MiB for tiny.en in fp32, 305 MiB for large-v3 in fp16), 1..1024."""
     max_join_share: float = 1.0
     """With `continuous`: new windows wait while a decoding window has spent more than this
     share of its decoding time held up by other windows' encoder passes, (0, 1]; 1: off.
     Lower trades throughput and p50 for a shorter tail (p99) under steady load."""
-    max_active: int = 16
-    """With `continuous`: most windows decoding at once (each holds its decoder caches,
-    about 23 MiB for tiny.en in fp32, 305 MiB for large-v3 in fp16), 1..1024."""
     max_wait_ms: float = 10.0
     """Longest a batch waits to fill after its first item arrived, 0..10000 ms."""
     max_prepare_wait_ms: float = 100.0

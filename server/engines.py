@@ -20,10 +20,6 @@ from server.models.base import SpeechModel
 log = logging.getLogger(__name__)
 
 
-def uses_continuous(settings: Settings, model: SpeechModel) -> bool:
-    return settings.engine == "continuous" and model.supports_continuous
-
-
 def build_batcher(
     settings: Settings,
     model: SpeechModel,
@@ -32,7 +28,7 @@ def build_batcher(
 ) -> WindowBatcher:
     """The engine the settings ask for, running the model on `executor` (the model worker)."""
     s = settings
-    if uses_continuous(s, model):
+    if s.engine == "continuous" and model.supports_continuous:
         # Imported here: it needs torch, which the fake-model paths never load.
         from server.models.continuous import ContinuousEngine, EngineConfig
 

@@ -10,7 +10,7 @@ Interim text doesn't flicker: a word prefix is committed once two consecutive de
 on it (LocalAgreement-2), and later interims always start with the committed words; `stability`
 is the committed share of the interim text. Each decode after the first passes the last
 interim's tokens as `DecodeOptions.draft`: the continuous engine verifies them in one pass and
-decodes step by step only from the first word the model disagrees with, so a re-decode (and a
+decodes step by step only from the first token the model disagrees with, so a re-decode (and a
 final) costs an encoder pass and a few steps, with the transcript of a plain decode. Only the
 worker thread touches the model: this module only awaits the shared Recognizer.
 
@@ -28,6 +28,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import soxr
@@ -351,9 +352,14 @@ async def run_stream(
     finally:
         for task in (changed, reading, interim.task if interim else None):
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                await _cancel(task)
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    """Cancel a task of this stream and wait for it to end, whatever it raises."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
 
 
 async def _finals(
@@ -409,6 +415,4 @@ class _Interim:
         return StreamEvent(interim, timing=result.timing)
 
     async def cancel(self) -> None:
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self.task
+        await _cancel(self.task)

@@ -122,6 +122,7 @@ class _Request:
     enqueued: float
     deadline: float | None = None  # monotonic seconds
     background: bool = False  # a stream's interim: best effort
+    prompt: list[int] | None = None  # its start tokens, set when taken (None: fallback)
     joined: float = 0.0  # when it left the queue
     decoding: float = 0.0  # when its own join pass ended (worker thread)
     held_s: float = 0.0  # time since then spent in other windows' join or fallback passes
@@ -335,7 +336,7 @@ class ContinuousEngine:
         # holds every decoding sequence up, and a final or a unary request shouldn't pay that
         # for an interim (on a CPU, a pass costs as much as a dozen steps).
         background = self._background
-        if any(not seq.owner.background for seq in self.runtime.active):
+        if background and any(not seq.owner.background for seq in self.runtime.active):
             background = collections.deque()
         with self._lock:
             if not self._join_now(free, now):
@@ -345,8 +346,8 @@ class ContinuousEngine:
                 if r.deadline is not None and now >= r.deadline:
                     expired.append(r)
                 elif not r.future.done():  # not cancelled (a read of its state only)
-                    greedy = self.runtime.prompt(r.task.options) is not None
-                    group, limit = (joining, cap) if greedy else (fallback, cap or 1)
+                    r.prompt = self.runtime.prompt(r.task.options)
+                    group, limit = (joining, cap) if r.prompt is not None else (fallback, cap or 1)
                     if len(group) >= limit:
                         break
                     group.append(r)
@@ -408,12 +409,11 @@ class ContinuousEngine:
         self._counts["encoder_windows"] += len(joining)
         ok = False
         try:
-            options = [r.task.options for r in joining]
             seqs = self.runtime.join(
                 [r.task.features for r in joining],
-                [self.runtime.prompt(o) or [] for o in options],
+                [r.prompt or [] for r in joining],
                 joining,
-                [self.runtime.draft(o) for o in options],
+                [self.runtime.draft(r.task.options) for r in joining],
             )
             self._counts["joined"] += len(seqs)
             self._finish([s for s in seqs if s.finished])

@@ -111,6 +111,11 @@ class BatchedDecoder:
         for slot in range(first_slot, first_slot + k):
             self.lengths[slot] = 0
 
+    def keep(self, slot: int, positions: int) -> None:
+        """Keep only the first `positions` of slot's self cache: later steps write over the
+        rest (draft tokens the model did not agree with) and never attend to it."""
+        self.lengths[slot] = positions
+
     @torch.inference_mode()
     def move(self, src: int, dst: int) -> None:
         """Copy slot src's state into slot dst (to keep the active slots contiguous)."""
@@ -355,7 +360,7 @@ class GreedyRuntime:
                     no_speech[row],
                 )  # fmt: skip
                 decisions.append(self._verify(seq, drafts[i], logits[row, len(prompt) - 1 :]))
-                self.decoder.lengths[first + start + row] = len(prompt) + len(seq.tokens)
+                self.decoder.keep(first + start + row, len(prompt) + len(seq.tokens))
                 seqs.append(seq)
             self.active += seqs
             self._choose(seqs, torch.stack(decisions))
