@@ -338,8 +338,10 @@ class GreedyRuntime:
         inputs = [p + d for p, d in zip(prompts, drafts, strict=True)]
         # Slots in order of input length, so each length is one contiguous prefill.
         order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
-        batch = torch.from_numpy(np.stack([features[i] for i in order]))
-        encoded = self.hf.get_encoder()(batch.to(self.device, self.decoder.dtype))
+        batch = torch.from_numpy(np.stack([features[i] for i in order])).to(
+            self.device, self.decoder.dtype
+        )
+        encoded = self.hf.get_encoder()(batch)
         first = len(self.active)
         self.decoder.load_cross(first, encoded.last_hidden_state)
         joined: dict[int, DecodeSequence] = {}
@@ -381,7 +383,8 @@ class GreedyRuntime:
             kept += 1
         if kept:
             logp = torch.log_softmax(scores[:kept], dim=-1)
-            picked = logp.gather(1, torch.as_tensor(draft[:kept]).unsqueeze(1))[:, 0]
+            index = torch.as_tensor(draft[:kept], device=scores.device).unsqueeze(1)
+            picked = logp.gather(1, index)[:, 0]
             seq.tokens, seq.logprobs = draft[:kept], picked.tolist()
         return scores[kept]
 

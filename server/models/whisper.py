@@ -151,17 +151,17 @@ class WhisperModel(SpeechModel):
     # -- decoding ------------------------------------------------------------------------
     @torch.inference_mode()
     def _decode_group(self, tasks: list[WindowTask], options: DecodeOptions) -> list[WindowResult]:
-        features = torch.from_numpy(np.stack([t.features for t in tasks]))
-        features = features.to(self.device, self.dtype)
+        features = torch.from_numpy(np.stack([t.features for t in tasks])).to(
+            self.device, self.dtype
+        )
         encoded = self.model.get_encoder()(features)
         no_speech = self._no_speech_probs(encoded)
         mask = None
         if options.word_timestamps:
             # The real length of each window, so token times align on audio, not on padding.
             frames = [min(N_FRAMES, int(np.ceil(t.duration_s * 100))) for t in tasks]
-            mask = torch.zeros((len(tasks), N_FRAMES), dtype=torch.long)
-            for row, n in enumerate(frames):
-                mask[row, :n] = 1
+            lengths = torch.as_tensor(frames, device=self.device).unsqueeze(1)
+            mask = (torch.arange(N_FRAMES, device=self.device) < lengths).long()
         decoded = self._generate(encoded, options, len(tasks), mask)
         return [
             self._result(d, p, task.duration_s)
@@ -209,7 +209,7 @@ class WhisperModel(SpeechModel):
     ) -> list[_Decoded]:
         kwargs = self._generate_kwargs(options)
         if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask.to(self.device)
+            kwargs["attention_mask"] = attention_mask
         out = self.model.generate(encoder_outputs=encoded, **kwargs)
         sequences = out["sequences"].cpu()
         n_new = len(out["scores"])
