@@ -35,6 +35,8 @@ from server.servicer import SpeechServicer
 log = logging.getLogger(__name__)
 
 SPEECH_SERVICE = asr_pb2.DESCRIPTOR.services_by_name["Speech"].full_name
+# Exit status after an unrecoverable error (EX_SOFTWARE): the orchestrator restarts the pod.
+EXIT_UNRECOVERABLE = 70
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -53,6 +55,19 @@ class ServerHandle:
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="model-worker")
     )
     batcher: WindowBatcher | None = None
+    # Set when the batcher hit an unrecoverable error (a sticky device fault, a crashed
+    # engine loop): `run()` then drains and exits with EXIT_UNRECOVERABLE.
+    failed: asyncio.Event = field(default_factory=asyncio.Event)
+    failure: Exception | None = None
+
+    def on_fatal(self, error: Exception) -> None:
+        """The batcher can't go on (called on the event loop): NOT_SERVING at once, so
+        balancers stop sending, and wake `run()` to drain and exit."""
+        if self.failure is None:
+            log.error("unrecoverable: %s; NOT_SERVING, draining, exiting", error)
+            self.failure = error
+            asyncio.get_running_loop().create_task(self.set_health(NOT_SERVING))
+        self.failed.set()
 
     async def set_health(self, status: int) -> None:
         for service in ("", SPEECH_SERVICE):
@@ -61,7 +76,7 @@ class ServerHandle:
     async def serve_model(self, model: SpeechModel) -> None:
         """Put a loaded (and warmed) model behind the servicer and report SERVING."""
         s = self.settings
-        batcher = build_batcher(s, model, self.worker, self.metrics.observe_batch)
+        batcher = build_batcher(s, model, self.worker, self.metrics.observe_batch, self.on_fatal)
         self.batcher = batcher
         batcher.start()
         self.metrics.queue_depth.set_function(lambda: batcher.depth)
@@ -146,8 +161,16 @@ async def run(settings: Settings) -> int:
         return 1
     await handle.serve_model(model)
     log.info("SERVING %s on %s", model.info.model_id, model.info.device)
-    await stop.wait()
+    failing: asyncio.Future[Any] = asyncio.ensure_future(
+        handle.failed.wait()
+    )  # still pending: stopping
+    await asyncio.wait([stopping, failing], return_when=asyncio.FIRST_COMPLETED)
+    for waiter in (stopping, failing):
+        waiter.cancel()
     log.info("draining (grace %.0f s)", settings.grace_s)
     drained = await handle.drain_and_stop(settings.grace_s)
     log.info("stopped%s", "" if drained else " (grace period ran out with work left)")
+    if handle.failure is not None:
+        log.error("exiting with %d: %s", EXIT_UNRECOVERABLE, handle.failure)
+        return EXIT_UNRECOVERABLE
     return 0

@@ -31,7 +31,14 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from server.errors import BatchError, DeadlineExceededError, QueueFullError, UnavailableError
+from server.errors import (
+    BatchError,
+    DeadlineExceededError,
+    DeviceOutOfMemoryError,
+    QueueFullError,
+    UnavailableError,
+    UnrecoverableError,
+)
 from server.models.base import WindowResult, WindowTask
 
 log = logging.getLogger(__name__)
@@ -58,7 +65,9 @@ class BatchStats:
     size: int
     queue_s: list[float]
     infer_s: float
-    ok: bool
+    ok: bool  # no model call of this batch raised
+    failures: int = 0  # model calls that raised (a batch retried in pieces may have several)
+    kind: str = "batch"  # "batch" (a model call) or "step" (a failed continuous decode step)
 
 
 class _Limits(Protocol):
@@ -121,6 +130,57 @@ def queue_full(depth: int, limit: int, needed: int) -> QueueFullError:
     )
 
 
+@dataclass
+class Pieces(Generic[Out]):
+    """What `run_in_pieces` gives back: one outcome per item, and the model calls that raised."""
+
+    outcomes: list[Out | Exception]
+    failures: int = 0
+
+
+def run_in_pieces(batch_fn: Callable[[list[In]], Sequence[Out]], items: list[In]) -> Pieces[Out]:
+    """`batch_fn(items)`, made so that one request can't fail another's (worker thread only).
+
+    Out of memory: the batch is retried in halves, down to single items; an item that runs
+    out of memory alone gets DeviceOutOfMemoryError (RESOURCE_EXHAUSTED). Any other error
+    (or a result list of the wrong length): each item is retried alone, so only the items
+    that fail alone fail (BatchError). UnrecoverableError is not retried: it propagates."""
+    try:
+        outs = list(batch_fn(items))
+        if len(outs) != len(items):
+            raise BatchError(f"model returned {len(outs)} results for a batch of {len(items)}")
+        return Pieces(list(outs))
+    except UnrecoverableError:
+        raise
+    except DeviceOutOfMemoryError as err:
+        if len(items) == 1:
+            return Pieces([_alone_out_of_memory(err)], 1)
+        log.warning("out of memory on a batch of %d: retrying in halves", len(items))
+        half = (len(items) + 1) // 2
+        pieces = [run_in_pieces(batch_fn, items[:half]), run_in_pieces(batch_fn, items[half:])]
+    except Exception as err:
+        if len(items) == 1:
+            log.exception("model call failed on one window")
+            return Pieces([as_batch_error(err)], 1)
+        log.warning("batch of %d failed (%s): retrying each window alone", len(items), err)
+        pieces = [run_in_pieces(batch_fn, [item]) for item in items]
+    outcomes = [o for p in pieces for o in p.outcomes]
+    return Pieces(outcomes, 1 + sum(p.failures for p in pieces))
+
+
+def as_batch_error(err: Exception) -> BatchError:
+    if isinstance(err, BatchError):
+        return err
+    return BatchError(f"model failed on this window: {type(err).__name__}")
+
+
+def _alone_out_of_memory(err: DeviceOutOfMemoryError) -> DeviceOutOfMemoryError:
+    return DeviceOutOfMemoryError(
+        f"{err}, even alone: the server has no memory to spare for it now; retry later or "
+        "send shorter audio"
+    )
+
+
 async def wait_idle(idle: asyncio.Event, timeout_s: float) -> bool:
     """Wait up to timeout_s for `idle`; True if it was set in time."""
     try:
@@ -162,6 +222,9 @@ class MicroBatcher(Generic[In, Out]):
     executor: Executor
     config: BatcherConfig = field(default_factory=BatcherConfig)
     on_batch: Callable[[BatchStats], None] | None = None
+    # Called once (on the event loop) when the batcher can't go on: an UnrecoverableError
+    # from the model, or its own loop crashing. The app then drains and exits non-zero.
+    on_fatal: Callable[[Exception], None] | None = None
 
     engine = "generate"  # not a field: what GetServerInfo reports
 
@@ -176,6 +239,7 @@ class MicroBatcher(Generic[In, Out]):
         self._preparing = 0  # requests that arrived and are being decoded, not yet queued
         self._idle = asyncio.Event()  # set while nothing is queued or running
         self._idle.set()
+        self.failed: Exception | None = None  # the unrecoverable error that stopped it
 
     # -- callers -------------------------------------------------------------------------
     @property
@@ -214,6 +278,10 @@ class MicroBatcher(Generic[In, Out]):
         self, items: list[In], deadline: float | None = None, background: bool = False
     ) -> list[asyncio.Future[Batched[Out]]]:
         """Queue items without waiting (streaming uses this); the futures carry the results."""
+        if self.failed is not None:
+            raise UnavailableError(
+                f"server is restarting after an unrecoverable error: {self.failed}"
+            )
         if not self._accepting:
             raise UnavailableError("server is shutting down and takes no new requests")
         if self.depth + len(items) > self.config.max_queue_size:
@@ -230,6 +298,30 @@ class MicroBatcher(Generic[In, Out]):
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+            self._task.add_done_callback(self._loop_done)
+
+    def _loop_done(self, task: asyncio.Task[None]) -> None:
+        """The loop only ends by stop() (cancelled) or by a bug: a bug is fatal, not retried
+        (a restarted loop would meet the same state and crash again)."""
+        if task.cancelled() or task.exception() is None:
+            return
+        err = task.exception()
+        log.error("batcher loop crashed", exc_info=err)
+        self._fail_fatal(UnrecoverableError(f"batcher loop crashed: {type(err).__name__}"), [])
+
+    def _fail_fatal(self, error: UnrecoverableError, running: list[_Pending[In, Out]]) -> None:
+        """Stop taking work; fail the running batch and everything queued with `error`."""
+        if self.failed is None:
+            self.failed = error
+            if self.on_fatal is not None:
+                self.on_fatal(error)
+        self._accepting = False
+        for p in [*running, *self._queue, *self._background]:
+            if not p.future.done():
+                p.future.set_exception(error)
+        self._queue.clear()
+        self._background.clear()
+        self._idle.set()
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop accepting; wait up to timeout_s for queued and running items. True if drained."""
@@ -301,33 +393,27 @@ class MicroBatcher(Generic[In, Out]):
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         self._running = len(batch)
-        ok = False
+        items = [p.item for p in batch]
         try:
-            outs = await loop.run_in_executor(self.executor, self.batch_fn, [p.item for p in batch])
-            if len(outs) != len(batch):
-                raise BatchError(f"model returned {len(outs)} results for a batch of {len(batch)}")
-            ok = True
-        except Exception as err:
-            log.exception("batch of %d failed", len(batch))
-            failure = (
-                err
-                if isinstance(err, BatchError)
-                else BatchError(f"model failed on this batch of {len(batch)}: {type(err).__name__}")
-            )
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(failure)
+            pieces = await loop.run_in_executor(self.executor, run_in_pieces, self.batch_fn, items)
+        except UnrecoverableError as err:
+            log.error("unrecoverable error in a batch of %d: %s", len(batch), err)
+            self._fail_fatal(err, batch)
+            return
         finally:
             self._running = 0
         infer_s = time.monotonic() - started
         self._batches_run += 1
-        if ok:
-            for p, out in zip(batch, outs, strict=True):
-                if not p.future.done():
-                    p.future.set_result(
-                        Batched(out, started - p.enqueued, infer_s, len(batch), self._batches_run)
-                    )
+        for p, out in zip(batch, pieces.outcomes, strict=True):
+            if p.future.done():
+                continue
+            if isinstance(out, Exception):
+                p.future.set_exception(out)
+            else:
+                p.future.set_result(
+                    Batched(out, started - p.enqueued, infer_s, len(batch), self._batches_run)
+                )
         if self.on_batch is not None:
-            self.on_batch(
-                BatchStats(len(batch), [started - p.enqueued for p in batch], infer_s, ok)
-            )
+            queue_s = [started - p.enqueued for p in batch]
+            ok = not pieces.failures
+            self.on_batch(BatchStats(len(batch), queue_s, infer_s, ok, pieces.failures))

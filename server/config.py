@@ -35,7 +35,8 @@ class Settings:
     device: str = "auto"
     """`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:N`."""
     dtype: str = "auto"
-    """`auto` (float16 on GPU, float32 on CPU), `float32`, `float16`, `bfloat16`."""
+    """`auto` (float16 on a GPU; bfloat16 on a CPU with native bf16 matrix instructions,
+    AMX or AVX512-BF16; float32 on other CPUs), `float32`, `float16`, `bfloat16`."""
     engine: str = "continuous"
     """How windows are batched: `continuous` (the decoder runs one token at a time over every
     window in flight; windows join and leave between steps) or `generate` (micro-batches of

@@ -25,6 +25,7 @@ def build_batcher(
     model: SpeechModel,
     executor: Executor,
     on_batch: Callable[[BatchStats], None] | None = None,
+    on_fatal: Callable[[Exception], None] | None = None,
 ) -> WindowBatcher:
     """The engine the settings ask for, running the model on `executor` (the model worker)."""
     s = settings
@@ -36,10 +37,10 @@ def build_batcher(
             max_active=s.max_active, max_encoder_batch=s.max_batch_size,
             max_queue_size=s.max_queue_size, max_join_share=s.max_join_share,
         )  # fmt: skip
-        return ContinuousEngine(model, executor, config, on_batch)
+        return ContinuousEngine(model, executor, config, on_batch, on_fatal)
     if s.engine == "continuous":
         log.info("%s has no continuous decoder: using the generate engine", type(model).__name__)
     batching = BatcherConfig(
         s.max_batch_size, s.max_wait_ms, s.max_queue_size, s.max_prepare_wait_ms
     )
-    return MicroBatcher(model.run_batch, executor, batching, on_batch)
+    return MicroBatcher(model.run_batch, executor, batching, on_batch, on_fatal)

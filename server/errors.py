@@ -38,6 +38,22 @@ class BatchError(AsrError):
     """The model call for a batch failed; every request of that batch gets this error."""
 
 
+class DeviceOutOfMemoryError(AsrError):
+    """The accelerator ran out of memory for this work even alone (after the batch was
+    retried in smaller pieces): retry later, or send shorter audio."""
+
+
+class UnrecoverableError(AsrError):
+    """This process can't serve any more (PyTriton's "unrecoverable" error): the engine stops
+    taking work, health goes NOT_SERVING, and the server drains and exits non-zero so that
+    the orchestrator replaces it. Clients get UNAVAILABLE: retry on another replica."""
+
+
+class DeviceFaultError(UnrecoverableError):
+    """The accelerator failed in a way the process can't recover from (a sticky CUDA error
+    such as a device-side assert or an illegal memory access)."""
+
+
 class UnimplementedError(AsrError):
     """The rpc or option is declared but not implemented by this server."""
 
@@ -46,6 +62,8 @@ class UnimplementedError(AsrError):
 STATUS_BY_ERROR: tuple[tuple[type[AsrError], grpc.StatusCode], ...] = (
     (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeviceOutOfMemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (UnrecoverableError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (UnimplementedError, grpc.StatusCode.UNIMPLEMENTED),

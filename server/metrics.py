@@ -56,7 +56,10 @@ class Metrics:
             "asr_audio_seconds", "Seconds of audio transcribed.", registry=r
         )
         self.batch_failures = Counter(
-            "asr_batch_failures", "Model calls that raised; all their requests failed.", registry=r
+            "asr_batch_failures",
+            "Model calls and decode steps that raised (a batch that raised is retried in pieces, "
+            "so only the requests that fail alone fail).",
+            registry=r,
         )
 
         self.active_streams = Gauge(
@@ -77,12 +80,14 @@ class Metrics:
         )
 
     def observe_batch(self, stats: BatchStats) -> None:
+        if stats.failures or not stats.ok:
+            self.batch_failures.inc(max(stats.failures, 1))
+        if stats.kind == "step":  # a failed decode step: counted above, not a model call
+            return
         self.batch_size.observe(stats.size)
         self.inference_seconds.observe(stats.infer_s)
         for q in stats.queue_s:
             self.queue_seconds.observe(q)
-        if not stats.ok:
-            self.batch_failures.inc()
 
     def watch_engine(self, stats: Callable[[], Any]) -> None:
         """Export the continuous engine's counters (`EngineStats`), read at scrape time."""

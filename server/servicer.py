@@ -141,6 +141,7 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
             device=info.device,
             device_name=info.device_name,
             dtype=info.dtype,
+            dtype_reason=info.dtype_reason,
             max_batch_size=s.max_batch_size,
             max_wait_ms=int(s.max_wait_ms),
             max_queue_size=s.max_queue_size,

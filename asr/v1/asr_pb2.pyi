@@ -195,7 +195,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model_id", "multilingual", "device", "device_name", "dtype", "max_batch_size", "max_wait_ms", "max_queue_size", "max_audio_s", "server_version", "torch_version", "transformers_version", "max_message_bytes", "languages", "engine", "max_active")
+    __slots__ = ("model_id", "multilingual", "device", "device_name", "dtype", "max_batch_size", "max_wait_ms", "max_queue_size", "max_audio_s", "server_version", "torch_version", "transformers_version", "max_message_bytes", "languages", "engine", "max_active", "dtype_reason")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MULTILINGUAL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +212,7 @@ class ServerInfo(_message.Message):
     LANGUAGES_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     MAX_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_REASON_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     multilingual: bool
     device: str
@@ -228,4 +229,5 @@ class ServerInfo(_message.Message):
     languages: _containers.RepeatedScalarFieldContainer[str]
     engine: str
     max_active: int
-    def __init__(self, model_id: _Optional[str] = ..., multilingual: _Optional[bool] = ..., device: _Optional[str] = ..., device_name: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_wait_ms: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., max_audio_s: _Optional[float] = ..., server_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., transformers_version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., languages: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., max_active: _Optional[int] = ...) -> None: ...
+    dtype_reason: str
+    def __init__(self, model_id: _Optional[str] = ..., multilingual: _Optional[bool] = ..., device: _Optional[str] = ..., device_name: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_wait_ms: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., max_audio_s: _Optional[float] = ..., server_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., transformers_version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., languages: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., max_active: _Optional[int] = ..., dtype_reason: _Optional[str] = ...) -> None: ...

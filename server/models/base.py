@@ -72,6 +72,7 @@ class ModelInfo:
     device_name: str
     dtype: str
     languages: tuple[str, ...] = ()
+    dtype_reason: str = ""  # why this dtype ("auto: this CPU has native bf16 (avx512_bf16)")
 
 
 class SpeechModel(ABC):

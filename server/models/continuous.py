@@ -51,8 +51,22 @@ from typing import Any
 
 import numpy as np
 
-from server.batcher import Batched, BatchStats, gather_or_cancel, queue_full, wait_idle
-from server.errors import BatchError, DeadlineExceededError, UnavailableError
+from server.batcher import (
+    Batched,
+    BatchStats,
+    as_batch_error,
+    gather_or_cancel,
+    queue_full,
+    run_in_pieces,
+    wait_idle,
+)
+from server.errors import (
+    BatchError,
+    DeadlineExceededError,
+    DeviceOutOfMemoryError,
+    UnavailableError,
+    UnrecoverableError,
+)
 from server.models.base import SpeechModel, WindowResult, WindowTask
 from server.models.decoder_step import DecodeSequence, GreedyRuntime
 
@@ -148,11 +162,19 @@ class ContinuousEngine:
         executor: Executor,
         config: EngineConfig | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
+        on_fatal: Callable[[Exception], None] | None = None,
     ) -> None:
         self.model = model
         self.executor = executor
         self.config = config or EngineConfig()
         self.on_batch = on_batch
+        # Called once, on the event loop, when the engine can't go on (UnrecoverableError
+        # from the model, or the decode loop crashing): the app drains and exits non-zero.
+        self.on_fatal = on_fatal
+        self.failed: Exception | None = None
+        # Rows per decode-step piece after an out-of-memory step (None: all rows at once);
+        # back to None when the decode batch empties.
+        self._step_rows: int | None = None
         self.runtime = GreedyRuntime(model, self.config.max_active)
         self._lock = threading.Lock()  # guards the queues and _running across the two threads
         self._pending: collections.deque[_Request] = collections.deque()
@@ -162,7 +184,9 @@ class ContinuousEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = True
         self._stopping = False
-        self._taken = 0  # windows off the queue and not yet resolved (worker thread)
+        # Windows off the queue and not yet resolved (changed on the worker thread, under
+        # the lock): what a crash must still fail.
+        self._in_hand: set[_Request] = set()
         self._preparing = 0  # requests announced and still being prepared (loop thread)
         self._batches = 0
         self._counts: collections.Counter[str] = collections.Counter()
@@ -178,7 +202,7 @@ class ContinuousEngine:
 
     @property
     def in_flight(self) -> int:
-        return self.depth + self._taken
+        return self.depth + len(self._in_hand)
 
     def stats(self) -> EngineStats:
         c = self._counts
@@ -217,6 +241,10 @@ class ContinuousEngine:
     ) -> list[asyncio.Future[Batched[WindowResult]]]:
         """Queue items without waiting; the futures carry the results. `background` items
         (streams' interim re-decodes) join only when no other window is waiting."""
+        if self.failed is not None:
+            raise UnavailableError(
+                f"server is restarting after an unrecoverable error: {self.failed}"
+            )
         if not self._accepting:
             raise UnavailableError("server is shutting down and takes no new requests")
         loop = asyncio.get_running_loop()
@@ -281,10 +309,13 @@ class ContinuousEngine:
         self._job.add_done_callback(self._job_done)
 
     def _job_done(self, job: asyncio.Future[None]) -> None:
-        if not job.cancelled() and job.exception() is not None:
-            log.error("decode loop crashed", exc_info=job.exception())
+        if self.failed is not None:  # fatal: never resubmitted (it would crash again)
+            self._idle.set()
+            if self.on_fatal is not None:
+                self.on_fatal(self.failed)
+            return
         with self._lock:
-            idle = not self.depth and self._taken == 0 and not self._running
+            idle = not self.depth and not self._in_hand and not self._running
         if idle:
             self._idle.set()
         else:
@@ -295,11 +326,26 @@ class ContinuousEngine:
         try:
             while self._iterate():
                 pass
-        except BaseException as err:  # a bug: fail what is in flight rather than hang it
-            self._fail_active(BatchError(f"decode loop failed: {type(err).__name__}"))
-            with self._lock:
-                self._running = False
-            raise
+        except UnrecoverableError as err:
+            log.error("unrecoverable error, the engine stops: %s", err)
+            self._fail_everything(err)
+        except BaseException as err:  # a bug: its state is suspect, so it is fatal too
+            log.exception("decode loop crashed, the engine stops")
+            self._fail_everything(UnrecoverableError(f"decode loop crashed: {type(err).__name__}"))
+
+    def _fail_everything(self, error: UnrecoverableError) -> None:
+        """Stop for good: fail what is decoding and queued with `error` (worker thread)."""
+        self.failed = error
+        self._accepting = False
+        self.runtime.clear()
+        with self._lock:
+            doomed = [*self._in_hand, *self._pending, *self._background]
+            self._in_hand.clear()
+            self._pending.clear()
+            self._background.clear()
+            self._running = False
+        for r in doomed:
+            self._send(r.future, error)
 
     def _iterate(self) -> bool:
         """One round: drop leavers, let new windows join (or run fallbacks), one decode step.
@@ -317,6 +363,8 @@ class ContinuousEngine:
             self._join(joining)
         if self.runtime.active:
             self._step()
+        if not self.runtime.active:
+            self._step_rows = None  # memory pressure ended with the batch
         with self._lock:
             if not self.depth and not self.runtime.active:
                 self._running = False
@@ -352,7 +400,7 @@ class ContinuousEngine:
                         break
                     group.append(r)
                 queue.popleft()
-            self._taken += len(joining) + len(fallback)
+            self._in_hand.update(joining + fallback)
         for r in expired:
             self._send(r.future, DeadlineExceededError(
                 f"deadline passed after {now - r.enqueued:.3f} s in the queue, "
@@ -402,12 +450,24 @@ class ContinuousEngine:
     def _join(self, joining: list[_Request]) -> None:
         started = time.monotonic()
         held = list(self.runtime.active)
+        failures = self._join_in_pieces(joining)
+        self._seconds["join"] += time.monotonic() - started
+        self._hold(held, started)
+        now = time.monotonic()
+        for r in joining:
+            r.decoding = now
+        self._report(joining, now - started, failures)
+
+    def _join_in_pieces(self, joining: list[_Request]) -> int:
+        """Encode `joining` and start decoding it; returns the encoder passes that raised.
+        Out of memory: retried in halves, and a window that doesn't fit alone fails with
+        DeviceOutOfMemoryError; another error: each window is retried alone, so only the
+        windows that fail alone fail."""
         self._batches += 1
         for r in joining:
             r.batch_id = self._batches
         self._counts["encoder_batches"] += 1
         self._counts["encoder_windows"] += len(joining)
-        ok = False
         try:
             seqs = self.runtime.join(
                 [r.task.features for r in joining],
@@ -415,36 +475,73 @@ class ContinuousEngine:
                 joining,
                 [self.runtime.draft(r.task.options) for r in joining],
             )
-            self._counts["joined"] += len(seqs)
-            self._finish([s for s in seqs if s.finished])
-            ok = True
+        except UnrecoverableError:
+            raise
         except Exception as err:
-            log.exception("encoder batch of %d failed", len(joining))
             self.runtime.leave([s for s in self.runtime.active if s.owner in joining])
-            name = type(err).__name__
-            for r in joining:
-                self._close(r, BatchError(f"model failed on a batch of {len(joining)}: {name}"))
-        self._seconds["join"] += time.monotonic() - started
-        self._hold(held, started)
-        now = time.monotonic()
-        for r in joining:
-            r.decoding = now
-        self._report(joining, now - started, ok)
+            return 1 + self._retry_join(joining, err)
+        self._counts["joined"] += len(seqs)
+        self._finish([s for s in seqs if s.finished])
+        return 0
+
+    def _retry_join(self, joining: list[_Request], err: Exception) -> int:
+        if len(joining) == 1:
+            if isinstance(err, DeviceOutOfMemoryError):
+                self._close(joining[0], DeviceOutOfMemoryError(f"{err}, even alone"))
+            else:
+                log.error("encoder pass failed on one window", exc_info=err)
+                self._close(joining[0], as_batch_error(err))
+            return 0
+        if isinstance(err, DeviceOutOfMemoryError):
+            log.warning("out of memory encoding %d windows: retrying in halves", len(joining))
+            half = (len(joining) + 1) // 2
+            parts = [joining[:half], joining[half:]]
+        else:
+            log.warning("encoder batch of %d failed (%s): each alone", len(joining), err)
+            parts = [[r] for r in joining]
+        return sum(self._join_in_pieces(part) for part in parts)
 
     def _step(self) -> None:
         rows = len(self.runtime.active)
         started = time.monotonic()
         try:
-            self.runtime.step()
+            self._step_in_pieces()
+        except UnrecoverableError:
+            raise
         except Exception as err:
             log.exception("decode step of %d sequences failed", rows)
             self._fail_active(BatchError(f"decode step failed: {type(err).__name__}"))
+            self._report_step_failure(rows, time.monotonic() - started)
             return
         finally:
             self._seconds["decode"] += time.monotonic() - started
         self._counts["steps"] += 1
         self._counts["step_rows"] += rows
         self._finish([s for s in self.runtime.active if s.finished])
+
+    def _step_in_pieces(self) -> None:
+        """One step; out of memory: again in pieces of half the rows (kept for the steps
+        after), and a sequence that can't step even alone leaves with DeviceOutOfMemoryError
+        (the one that joined last, so the longest-running ones finish)."""
+        while self.runtime.active:
+            try:
+                self.runtime.step(self._step_rows)
+                return
+            except DeviceOutOfMemoryError as err:
+                rows = min(self._step_rows or len(self.runtime.active), len(self.runtime.active))
+                self._report_step_failure(rows, 0.0)
+                if rows > 1:
+                    self._step_rows = (rows + 1) // 2
+                    log.warning("out of memory in a decode step of %d rows: pieces of %d",
+                                rows, self._step_rows)  # fmt: skip
+                    continue
+                newest = self.runtime.active[-1]
+                self.runtime.leave([newest])
+                self._close(newest.owner, DeviceOutOfMemoryError(f"{err}, even alone"))
+
+    def _report_step_failure(self, rows: int, infer_s: float) -> None:
+        if self.on_batch is not None:
+            self._call_soon(self.on_batch, BatchStats(rows, [], infer_s, False, 1, "step"))
 
     def _finish(self, done: list[DecodeSequence]) -> None:
         """Free the slots of finished sequences and resolve their callers now."""
@@ -465,31 +562,19 @@ class ContinuousEngine:
         started = time.monotonic()
         held = list(self.runtime.active)
         self._batches += 1
-        ok = False
-        try:
-            outs = self.model.run_batch([r.task for r in batch])
-            if len(outs) != len(batch):
-                raise BatchError(f"model returned {len(outs)} results for a batch of {len(batch)}")
-            ok = True
-        except Exception as err:
-            log.exception("fallback batch of %d failed", len(batch))
-            failure = (
-                err
-                if isinstance(err, BatchError)
-                else BatchError(f"model failed on this batch of {len(batch)}: {type(err).__name__}")
-            )
-            for r in batch:
-                self._close(r, failure)
+        pieces = run_in_pieces(self.model.run_batch, [r.task for r in batch])
         infer_s = time.monotonic() - started
         self._hold(held, started)
         # Counted before the callers hear back, so whoever reads stats() after a reply sees it.
         self._counts["fallback_windows"] += len(batch)
         self._seconds["fallback"] += infer_s
-        if ok:
-            for r, out in zip(batch, outs, strict=True):
-                queue_s = r.joined - r.enqueued
-                self._close(r, Batched(out, queue_s, infer_s, len(batch), self._batches))
-        self._report(batch, infer_s, ok)
+        for r, out in zip(batch, pieces.outcomes, strict=True):
+            queue_s = r.joined - r.enqueued
+            result = out if isinstance(out, Exception) else Batched(
+                out, queue_s, infer_s, len(batch), self._batches
+            )  # fmt: skip
+            self._close(r, result)
+        self._report(batch, infer_s, pieces.failures)
 
     def _fail_active(self, error: Exception) -> None:
         active = self.runtime.active
@@ -503,7 +588,7 @@ class ContinuousEngine:
             return
         r.closed = True
         with self._lock:
-            self._taken -= 1
+            self._in_hand.discard(r)
         if outcome is not None:
             self._send(r.future, outcome)
 
@@ -515,9 +600,10 @@ class ContinuousEngine:
     ) -> None:
         self._call_soon(_settle_future, future, outcome)
 
-    def _report(self, batch: list[_Request], infer_s: float, ok: bool) -> None:
+    def _report(self, batch: list[_Request], infer_s: float, failures: int) -> None:
         if self.on_batch is not None:
-            stats = BatchStats(len(batch), [r.joined - r.enqueued for r in batch], infer_s, ok)
+            queue_s = [r.joined - r.enqueued for r in batch]
+            stats = BatchStats(len(batch), queue_s, infer_s, not failures, failures)
             self._call_soon(self.on_batch, stats)
 
     def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:

@@ -34,6 +34,7 @@ import torch
 from torch.nn import functional as F
 
 from server.models.base import DecodeOptions, WindowResult
+from server.models.device import device_errors
 
 
 @dataclass(frozen=True)
@@ -154,11 +155,13 @@ class BatchedDecoder:
         return self.proj_out(self.decoder.layer_norm(hidden))
 
     @torch.inference_mode()
-    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """One new token (n,) for each of the slots 0..n-1, each at its own position. Returns
-        logits (n, vocab)."""
+    def step(self, input_ids: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """One new token (n,) for each of the slots first..first+n-1, each at its own
+        position. Returns logits (n, vocab). The slots' lengths don't move until `advance()`,
+        so a step that fails part-way (out of memory) can be run again, in smaller pieces:
+        it writes the same cache positions."""
         n = input_ids.shape[0]
-        lengths = self.lengths[:n]
+        lengths = self.lengths[first : first + n]
         longest = max(lengths) + 1
         positions = torch.as_tensor(lengths, device=self.device)
         hidden = self._embed(input_ids.unsqueeze(1), positions.unsqueeze(1))
@@ -166,22 +169,26 @@ class BatchedDecoder:
         if min(lengths) != max(lengths):  # ragged rows: hide each row's unfilled positions
             keys = torch.arange(longest, device=self.device)
             mask = (keys.unsqueeze(0) <= positions.unsqueeze(1)).view(n, 1, 1, longest)
-        rows = torch.arange(n, device=self.device)
+        slots = torch.arange(first, first + n, device=self.device)
+        rows = slice(first, first + n)
         for i, layer in enumerate(self.decoder.layers):
             attn = layer.self_attn
             residual = hidden
             x = layer.self_attn_layer_norm(hidden)
             q = self._heads(attn.q_proj(x) * attn.scaling)
-            self.self_k[i][rows, :, positions] = self._heads(attn.k_proj(x))[:, :, 0]
-            self.self_v[i][rows, :, positions] = self._heads(attn.v_proj(x))[:, :, 0]
-            key = self.self_k[i][:n, :, :longest]
-            value = self.self_v[i][:n, :, :longest]
+            self.self_k[i][slots, :, positions] = self._heads(attn.k_proj(x))[:, :, 0]
+            self.self_v[i][slots, :, positions] = self._heads(attn.v_proj(x))[:, :, 0]
+            key = self.self_k[i][rows, :, :longest]
+            value = self.self_v[i][rows, :, :longest]
             out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=1.0)
             hidden = residual + attn.out_proj(self._merge(out))
-            hidden = self._cross_and_mlp(layer, i, hidden, slice(0, n))
+            hidden = self._cross_and_mlp(layer, i, hidden, rows)
+        return self.proj_out(self.decoder.layer_norm(hidden))[:, 0]
+
+    def advance(self, n: int) -> None:
+        """Slots 0..n-1 took one token each (after every piece of a step ran)."""
         for slot in range(n):
             self.lengths[slot] += 1
-        return self.proj_out(self.decoder.layer_norm(hidden))[:, 0]
 
     def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # as transformers' WhisperDecoder: no embed_scale (it is 1.0 for every Whisper)
@@ -334,6 +341,16 @@ class GreedyRuntime:
         steps; the transcript is what plain greedy decoding gives (up to float sums)."""
         if len(self.active) + len(features) > self.max_active:
             raise ValueError("more sequences than max_active")
+        with device_errors(self.device, f"an encoder batch of {len(features)}"):
+            return self._join(features, prompts, owners, drafts)
+
+    def _join(
+        self,
+        features: list[np.ndarray],
+        prompts: list[list[int]],
+        owners: list[Any],
+        drafts: list[list[int]] | None,
+    ) -> list[DecodeSequence]:
         drafts = drafts or [[] for _ in prompts]
         inputs = [p + d for p, d in zip(prompts, drafts, strict=True)]
         # Slots in order of input length, so each length is one contiguous prefill.
@@ -389,16 +406,27 @@ class GreedyRuntime:
         return scores[kept]
 
     @torch.inference_mode()
-    def step(self) -> None:
+    def step(self, max_rows: int | None = None) -> None:
         """One token for every active sequence that isn't finished (finished ones, if any
-        are left in, are stepped along and don't change)."""
+        are left in, are stepped along and don't change), in pieces of at most `max_rows`
+        rows (smaller pieces need less memory for activations and logits). Nothing changes
+        unless every piece ran: a step that raised can be run again."""
         live = self.active
-        ids = torch.as_tensor(
-            [s.tokens[-1] if s.tokens else self.eos for s in live], device=self.device
-        )
-        logits = self.decoder.step(ids).float()
-        not_first = torch.zeros(len(live), dtype=torch.bool, device=self.device)
-        self._choose(live, self.suppression.apply(logits, not_first))
+        rows = max(1, min(max_rows or len(live), len(live)))
+        with device_errors(self.device, f"a decode step of {len(live)} (pieces of {rows})"):
+            ids = torch.as_tensor(
+                [s.tokens[-1] if s.tokens else self.eos for s in live], device=self.device
+            )
+            pieces = [
+                self.decoder.step(ids[first : first + rows], first).float()
+                for first in range(0, len(live), rows)
+            ]
+            logits = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            not_first = torch.zeros(len(live), dtype=torch.bool, device=self.device)
+            scores = self.suppression.apply(logits, not_first)
+            tokens, logprobs = self._pick(scores)  # reads back to the host: a sync point
+        self.decoder.advance(len(live))
+        self._record(live, tokens, logprobs)
 
     def leave(self, gone: Sequence[DecodeSequence]) -> None:
         """Free the slots of `gone`; the last active sequences move into the holes."""
@@ -428,10 +456,18 @@ class GreedyRuntime:
 
     def _choose(self, seqs: list[DecodeSequence], scores: torch.Tensor) -> None:
         """Greedy pick per row; a row that emits end-of-text or hits its limit finishes."""
+        self._record(seqs, *self._pick(scores))
+
+    @staticmethod
+    def _pick(scores: torch.Tensor) -> tuple[list[int], list[float]]:
+        """Greedy token and its log-probability per row (scores are float32)."""
         tokens = scores.argmax(dim=-1)
         logprobs = torch.log_softmax(scores, dim=-1).gather(1, tokens.unsqueeze(1))[:, 0]
+        return tokens.tolist(), logprobs.tolist()
+
+    def _record(self, seqs: list[DecodeSequence], tokens: list[int], logprobs: list[float]) -> None:
         rows = len(seqs)
-        for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist(), strict=True):
+        for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
             seq.most_rows = max(seq.most_rows, rows)
             if seq.finished:  # stepped along with the others: it keeps what it had
                 continue

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import platform
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -27,33 +25,19 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from server.errors import InvalidArgumentError
 from server.models.base import DecodeOptions, ModelInfo, SpeechModel, WindowResult, WindowTask, Word
+from server.models.device import (
+    choose_dtype,
+    cpu_bf16_support,
+    device_errors,
+    device_name,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
 N_FRAMES = 3000  # mel frames in Whisper's 30 s window
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_PROMPT_TOKENS = 223  # Whisper's decoder context is 448; the prompt may use half of it
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device} asked for, but torch sees no CUDA device")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return _DTYPES[dtype]
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
 @dataclass(frozen=True)
@@ -76,7 +60,8 @@ class WhisperModel(SpeechModel):
         max_new_tokens: int = 440,
     ) -> None:
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        precision = choose_dtype(dtype, self.device, cpu_bf16_support())
+        self.dtype = precision.dtype
         self.max_new_tokens = max_new_tokens
         self.processor = WhisperProcessor.from_pretrained(checkpoint)
         model = WhisperForConditionalGeneration.from_pretrained(
@@ -96,10 +81,13 @@ class WhisperModel(SpeechModel):
             multilingual=multilingual,
             device=str(self.device),
             device_name=device_name(self.device),
-            dtype=str(self.dtype).removeprefix("torch."),
+            dtype=precision.name,
             languages=tuple(sorted(self._lang_by_id.values())) if multilingual else ("en",),
+            dtype_reason=precision.reason,
         )
-        log.info("loaded %s on %s (%s)", model_id, self.device, self.info.dtype)
+        log.info(
+            "loaded %s on %s in %s (%s)", model_id, self.device, precision.name, precision.reason
+        )
 
     def _token_id(self, token: str) -> int | None:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
@@ -131,6 +119,10 @@ class WhisperModel(SpeechModel):
         return np.ascontiguousarray(features, dtype=np.float32)
 
     def run_batch(self, tasks: list[WindowTask]) -> list[WindowResult]:
+        with device_errors(self.device, f"a generate batch of {len(tasks)}"):
+            return self._run_groups(tasks)
+
+    def _run_groups(self, tasks: list[WindowTask]) -> list[WindowResult]:
         groups: dict[DecodeOptions, list[int]] = defaultdict(list)
         for i, task in enumerate(tasks):
             # Drafts only help the continuous engine: here they would split the batch.

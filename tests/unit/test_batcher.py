@@ -158,7 +158,7 @@ async def test_length_mismatch_fails_the_batch(worker):
     fn = Recorder()
     fn.wrong_length = True
     b = make(fn, worker, size=2, wait_ms=0)
-    with pytest.raises(BatchError, match="1 results for a batch of 2"):
+    with pytest.raises(BatchError, match="results for a batch of"):
         await b.submit_many([1, 2])
     await b.stop()
 

@@ -264,10 +264,18 @@ def test_ragged_rows_give_each_row_its_own_logits() -> None:
         single.load_cross(0, encoded[row : row + 1])
         single.prefill(0, torch.tensor([prompt]))
         alone.append(single.step(torch.tensor([42]))[0])
+        single.advance(1)
     batched = together.step(torch.tensor([42, 42, 42]))
+    # The same step again, in pieces (as after an out-of-memory error): same logits, since
+    # lengths only move at advance().
+    pieces = torch.cat(
+        [together.step(torch.tensor([42]), 0), together.step(torch.tensor([42, 42]), 1)]
+    )
+    together.advance(3)
     assert together.lengths[:3] == [3, 6, 4]
     for row in range(3):
         torch.testing.assert_close(batched[row], alone[row], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(pieces[row], batched[row], rtol=1e-4, atol=1e-3)
 
 
 # -- the engine: the batcher contract ----------------------------------------------------------
@@ -303,7 +311,7 @@ class StepGate:
         self._step = engine.runtime.step
         engine.runtime.step = self  # type: ignore[method-assign]
 
-    def __call__(self) -> None:
+    def __call__(self, max_rows: int | None = None) -> None:
         self.threads.add(threading.current_thread().name)
         self.entered.set()
         self.steps += 1
@@ -313,7 +321,7 @@ class StepGate:
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("injected")
-        self._step()
+        self._step(max_rows)
 
 
 async def test_submit_many_gives_one_result_per_window_in_order(worker) -> None:

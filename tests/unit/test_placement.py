@@ -77,12 +77,12 @@ class HoldFirstStep:
         self._step = engine.runtime.step
         engine.runtime.step = self  # type: ignore[method-assign]
 
-    def __call__(self) -> None:
+    def __call__(self, max_rows: int | None = None) -> None:
         self.steps += 1
         if self.steps == 1:
             self.entered.set()
             assert self.release.wait(30)
-        self._step()
+        self._step(max_rows)
 
 
 async def test_continuous_engine_joins_leaves_drafts_and_cancels(english, guarded) -> None:
