@@ -115,6 +115,13 @@ async def build_server(settings: Settings) -> ServerHandle:
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+    if settings.max_connection_age_s > 0:
+        # Clients behind a connection balancer reconnect (and so spread over the replicas)
+        # after this age; gRPC core adds ±10% jitter. Calls in flight get the grace.
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
+        ]
     server = grpc.aio.server(interceptors=[ErrorInterceptor(metrics)], options=options)
     servicer = SpeechServicer(settings, metrics)
     asr_pb2_grpc.add_SpeechServicer_to_server(servicer, server)

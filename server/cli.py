@@ -42,6 +42,8 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     "cache-dir": (Path, "where built-in models are converted once"),
     "num-threads": (int, "torch CPU threads (0: all cores)"),
     "grace-s": (float, "on SIGTERM, time allowed for queued work to finish, seconds"),
+    "max-connection-age-s": (float, "GOAWAY each connection after about this long (0: off), s"),
+    "max-connection-age-grace-s": (float, "then, time for its calls in flight to finish, s"),
     "warmup": (lambda v: _parse_bool(v), "warm the model up before SERVING (true/false)"),
     "max-new-tokens": (int, "decoder token limit per 30 s window"),
     "max-beam-size": (int, "largest beam a client may ask for"),

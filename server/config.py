@@ -72,6 +72,13 @@ class Settings:
     """Torch CPU threads; 0 = all cores."""
     grace_s: float = 30.0
     """On SIGTERM, how long queued and running work may take to finish, 0..3600 s."""
+    max_connection_age_s: float = 0.0
+    """Close each client connection (HTTP/2 GOAWAY) after about this long, so clients behind
+    a connection balancer (a Kubernetes Service) reconnect and spread over new replicas;
+    gRPC adds ±10% jitter so connections don't all reconnect at once. 0: off, 0..86400 s."""
+    max_connection_age_grace_s: float = 3600.0
+    """After that GOAWAY, how long calls already in flight on the connection may still take
+    before it is closed, 0..86400 s; cover the longest call (a stream: max_stream_s)."""
     warmup: bool = True
     """Run the model once per batch size at start-up, before reporting SERVING."""
     max_new_tokens: int = 440
@@ -109,6 +116,8 @@ class Settings:
         _check_range("metrics_port", self.metrics_port, -1, 65535)
         _check_range("num_threads", self.num_threads, 0, 1024)
         _check_range("grace_s", self.grace_s, 0, 3600)
+        _check_range("max_connection_age_s", self.max_connection_age_s, 0, 86_400)
+        _check_range("max_connection_age_grace_s", self.max_connection_age_grace_s, 0, 86_400)
         _check_range("max_new_tokens", self.max_new_tokens, 1, 440)
         _check_range("max_beam_size", self.max_beam_size, 1, 16)
         _check_range("no_speech_threshold", self.no_speech_threshold, 0, 1)

@@ -42,8 +42,9 @@ REPLICAS = {"multi-gpu-2": 2, "multi-gpu-4": 4, "multi-gpu-8": 8}
 SERVER_PROFILES = (*GPU_PROFILES, "cpu", *REPLICAS)
 PROFILES = (*SERVER_PROFILES, "loadgen", "monitoring")
 
-# card -> (dtype, max batch size, max wait ms, max queue size). The reasons are next to the
-# values in docker-compose.yml (x-cards) and in README's table: change all three together.
+# card -> (dtype, max batch size, max wait ms, max queue size). The values are in
+# deploy/k8s/overlays/<card>/server.env (read by docker-compose.yml and by Kustomize), their
+# reasons in docker-compose.yml's comments and README's table: change them together.
 TUNED = {
     "t4": ("float16", 16, 40, 128),
     "l4": ("bfloat16", 24, 30, 192),
