@@ -52,7 +52,7 @@ TUNED = {
     "a10g": ("bfloat16", 32, 25, 256),
     "a100": ("bfloat16", 64, 15, 512),
     "h100": ("bfloat16", 96, 10, 768),
-    "cpu": ("float32", 4, 50, 32),
+    "cpu": ("auto", 4, 50, 32),  # auto: bf16 on CPUs with native bf16, else fp32
 }
 NO_BFLOAT16 = ("t4", "v100")  # Turing and Volta: float16 is the only fast half precision
 
