@@ -5,6 +5,9 @@ The normalizer is transformers' `EnglishTextNormalizer`, given the spelling map 
 that ships in the `openai-whisper` sdist (installed `--no-deps` by `make install`; only its data
 file is read, the package is never imported). Without it, spelling variants (colour/color) are
 not unified and the WER reads slightly higher; a warning says so once.
+
+The edit distance is our own (word-level Levenshtein, as jiwer computes it; a test checks they
+agree), so that WER needs nothing beyond transformers: the GPU check carries no extra wheels.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jiwer
 from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
 log = logging.getLogger(__name__)
@@ -52,4 +54,18 @@ def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> flo
     pairs = [(r, h) for r, h in pairs if r]  # an empty reference has no words to miss
     if not pairs:
         return 0.0
-    return float(jiwer.wer([r for r, _ in pairs], [h for _, h in pairs]))
+    edits = sum(_word_edits(r.split(), h.split()) for r, h in pairs)
+    return edits / sum(len(r.split()) for r, _ in pairs)
+
+
+def _word_edits(reference: list[str], hypothesis: list[str]) -> int:
+    """Substitutions + deletions + insertions turning `reference` into `hypothesis`."""
+    previous = list(range(len(hypothesis) + 1))
+    for i, ref_word in enumerate(reference, start=1):
+        current = [i]
+        for j, hyp_word in enumerate(hypothesis, start=1):
+            current.append(
+                min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_word != hyp_word))
+            )
+        previous = current
+    return previous[-1]
