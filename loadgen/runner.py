@@ -282,10 +282,10 @@ class Progress:
         since = [r for r in records if r.sent_ts >= (window_ts if now >= window_ts else begin_ts)]
         ok = [r.latency_ms for r in since if r.ok]
         p50, p99 = percentiles(ok, [50, 99])
+        latency = f"p50 {p50:.0f} ms, p99 {p99:.0f} ms" if ok else "no response yet"
         return (
             f"[{plan.index + 1}/{self._levels} {plan.mode} {plan.describe()}] {phase} "
-            f"{now - begin_ts:5.1f} s | {len(since)} req, {len(since) - len(ok)} err | "
-            f"p50 {p50:.0f} ms, p99 {p99:.0f} ms"
+            f"{now - begin_ts:5.1f} s | {len(since)} req, {len(since) - len(ok)} err | {latency}"
         )
 
     def done(self, plan: LevelPlan, s: LevelSummary) -> None:

@@ -35,6 +35,9 @@ RUN_FILES = [
     "records.csv",
     "latency.png",
     "throughput.png",
+    "cdf.png",
+    "breakdown.png",
+    "timeseries.png",
     "report.html",
 ]
 
@@ -95,6 +98,10 @@ def test_sweep_closed_and_open_loop(real_server, tmp_path: Path):
         assert float(row["wer"]) < WER_BOUND, row
         assert float(row["queue_p50_ms"]) >= 0 and float(row["infer_p50_ms"]) > 0, row
         assert float(row["batch_size_mean"]) >= 1, row
+        # The continuous engine's split: its own encoder pass and decode steps, measured.
+        assert float(row["encode_p50_ms"]) > 0 and float(row["decode_p50_ms"]) > 0, row
+        assert float(row["wait_p50_ms"]) >= 0 and float(row["held_p50_ms"]) >= 0, row
+        assert row["measured"] == "true" and int(row["samples"]) >= 1, row
 
     meta = json.loads((out / "summary.json").read_text())
     assert meta["target"] == real_server.address
@@ -115,9 +122,9 @@ def test_sweep_closed_and_open_loop(real_server, tmp_path: Path):
     assert len(measured) == sum(int(r["requests"]) for r in rows)
     assert all(r["transcript"] for r in measured)
 
-    for name in ("latency.png", "throughput.png"):
+    for name in RUN_FILES[3:-1]:
         assert (out / name).read_bytes().startswith(b"\x89PNG")
-    assert (out / "report.html").read_text().count("data:image/png;base64,") == 2
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 5
     assert "[1/3 closed c=1]" in result.stderr and "p99" in result.stderr  # progress
     assert "| closed | 4 |" in result.stdout  # the table at the end
 

@@ -135,7 +135,7 @@ def test_compare_refuses_runs_that_differ_and_force_warns(runs: list[Path], tmp_
         (path / "summary.json").write_text(json.dumps(data))
     loaded = [load_run(p) for p in runs]
     assert len(comparability(loaded)) == 3
-    with pytest.raises(NotComparable, match="dtype differs: g5.xlarge=float32"):
+    with pytest.raises(NotComparable, match=r"dtype differs: g5\.xlarge=float32"):
         write_compare(tmp_path / "no", loaded, 1000)
     assert main(["compare", *map(str, runs), "--out", str(tmp_path / "cli")]) == 2
     assert "pass --force to compare anyway" in caplog.text

@@ -222,6 +222,9 @@ def test_requests_are_counted_by_status(served):
     )
     assert ok == 1 and bad == 1
     assert registry.get_sample_value("asr_audio_seconds_total") == pytest.approx(1.0)
+    # A fast rejection is an error, not a quick request: latency counts successes only.
+    timed = {"method": "Recognize"}
+    assert registry.get_sample_value("asr_request_seconds_count", timed) == 1
 
 
 def test_many_parallel_clients_get_their_own_results():
