@@ -178,10 +178,9 @@ def usable(level: dict[str, Any]) -> bool:
 
 
 def peak(levels: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The usable level with the highest RTFx achieved (the lower level on a tie)."""
-    candidates = [
-        lv for lv in levels if usable(lv) and not math.isnan(_num(lv.get("audio_s_per_s")))
-    ]
+    """The usable level with the highest RTFx achieved (the lower level on a tie); a level
+    from which nothing came back in its window is no peak."""
+    candidates = [lv for lv in levels if usable(lv) and _num(lv.get("audio_s_per_s")) > 0]
     return max(candidates, key=lambda lv: (_num(lv["audio_s_per_s"]), -level_x(lv)), default=None)
 
 

@@ -319,7 +319,7 @@ def level_plots(out: Path, results: Sequence[LevelResult], label: str) -> list[P
             )
         )
         xs = [_x(s) for s in rows]
-        offered = [Series("offered req/s", xs, xs, style="k:")] if mode == "open" else []
+        offered = [Series("offered req/s", xs, xs, style="k+:")] if mode == "open" else []
         throughput.append(
             Panel(
                 f"throughput achieved, {mode} loop",
