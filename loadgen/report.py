@@ -214,6 +214,7 @@ def line_plots(path: Path, panels: Sequence[Panel], title: str = "") -> Path:
         xs = [x for s in panel.series for x in s.xs if not math.isnan(x)]
         if panel.integer_x:
             _level_axis(ax, xs)
+        ax.margins(y=0.12)  # room for the point labels under the title
         if panel.hline is not None:
             ax.axhline(
                 panel.hline,
@@ -464,12 +465,14 @@ def timeseries_plot(
 
 
 def html_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], css_class: str = "") -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    """A table; no header row when every column title is empty."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns) if any(columns) else ""
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(cell(v))}</td>" for v in row) + "</tr>" for row in rows
     )
     attr = f" class='{css_class}'" if css_class else ""
-    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    thead = f"<thead><tr>{head}</tr></thead>" if head else ""
+    return f"<table{attr}>{thead}<tbody>{body}</tbody></table>"
 
 
 def html_image(path: Path) -> str:
@@ -481,7 +484,8 @@ _STYLE = (
     "body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1240px}"
     "table{border-collapse:collapse;margin:0.6em 0;font-size:13px}"
     "th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}"
-    "th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}"
+    "th{background:#f4f4f4;white-space:normal;vertical-align:bottom;max-width:5.5em}"
+    "td:first-child,th:first-child{text-align:left}"
     "table.meta td{text-align:left}table.meta td:first-child{font-weight:600}"
     "details{margin:0.6em 0}details>div{overflow-x:auto}"
     ".warn{background:#fff3cd;border:1px solid #e0c060;padding:0.4em 1em}"
@@ -518,7 +522,7 @@ def run_facts(meta: dict[str, Any]) -> list[tuple[str, Any]]:
             f"window {settings.get('duration_s')} s"
             + (" (--stability)" if settings.get("stability") else "")
             + f", warm-up {settings.get('warmup_s')} s, timeout {settings.get('timeout_s')} s,"
-            f" seed {settings.get('seed')}, limit {settings.get('limit')}"
+            f" seed {settings.get('seed')}, limit {settings.get('limit') or 'all files'}"
         )
     return [
         ("target", f"{meta.get('target', '')} ({meta.get('mode', '')})"),
@@ -565,7 +569,7 @@ def run_page(meta: dict[str, Any], summaries: Sequence[LevelSummary], plots: Seq
     everything = [[s.to_row().get(c) for c in columns] for s in summaries]
     return (
         f"<h1>Load test: {html.escape(str(meta.get('label', '')))}</h1>"
-        + html_table(["run", ""], run_facts(meta), "meta")
+        + html_table(["", ""], run_facts(meta), "meta")
         + "<h2>Levels</h2>"
         + html_table(headers, rows)
         + f"<p class='note'>{html.escape(notes)}</p>"

@@ -2,11 +2,11 @@
 # The README's `compare` example: two short sweeps of the embedded tiny.en, one served in
 # float32 and one in bfloat16, standing in for two instance types; then `compare` them.
 # Usage: scripts/dtype_example.sh [OUT_DIR] [extra `loadgen run` flags...]
-# DATASET (default: ../shared/data/LibriSpeech/test-clean) and PORT (50081) can be set.
+# DATASET (default: ../shared/data/LibriSpeech/test-other) and PORT (50081) can be set.
 set -euo pipefail
 out=${1:-runs/dtype-example}
 shift || true
-dataset=${DATASET:-../shared/data/LibriSpeech/test-clean}
+dataset=${DATASET:-../shared/data/LibriSpeech/test-other}
 port=${PORT:-50081}
 py=.venv/bin/python
 mkdir -p "$out"
