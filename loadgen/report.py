@@ -107,12 +107,12 @@ TABLE = [
     ("p50_ms", "p50 ms"),
     ("p90_ms", "p90 ms"),
     ("p99_ms", "p99 ms"),
+    ("p99_ci_ms", "p99 95% CI ms"),
     ("wer", "WER"),
     ("wait_p50_ms", "queue p50 ms"),
     ("encode_p50_ms", "encode p50 ms"),
     ("decode_p50_ms", "decode p50 ms"),
     ("held_p50_ms", "held p50 ms"),
-    ("batch_size_mean", "batch"),
     ("status", "status"),
 ]
 """The terminal's table (and the report's first one): the columns a card is chosen by."""
@@ -131,8 +131,18 @@ def status(s: LevelSummary) -> str:
     return ", ".join(words) or "ok"
 
 
+def _interval(lo_hi: tuple[float, float]) -> str:
+    lo, hi = lo_hi
+    return "-" if math.isnan(lo) or math.isnan(hi) else f"{lo:.0f}-{hi:.0f}"
+
+
 def _table_values(s: LevelSummary) -> dict[str, Any]:
-    values = {**s.to_row(), "level": f"{_x(s):g}", "status": status(s)}
+    values = {
+        **s.to_row(),
+        "level": f"{_x(s):g}",
+        "status": status(s),
+        "p99_ci_ms": _interval(s.p99_ci_ms),
+    }
     if s.offered_rps:
         values["level"] = f"{s.offered_rps:g}/s"
     return values
