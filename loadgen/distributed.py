@@ -94,10 +94,12 @@ class MasterCoordinator:
     def _wait_for_workers(self) -> None:
         n = self._config.expect_workers
         if not self._wait(lambda: len(self._hellos) >= n, self._config.worker_timeout_s):
-            raise WorkersMissing(
+            missing = WorkersMissing(
                 f"{len(self._hellos)} of {n} workers connected within "
                 f"{self._config.worker_timeout_s:.0f} s"
             )
+            self._reject(str(missing))  # the ones that came are not left waiting
+            raise missing
         for name, hello in self._hellos.items():
             if hello["fingerprint"] != self._fingerprint:
                 error = WorkerMismatch(

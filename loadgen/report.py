@@ -408,14 +408,15 @@ def breakdown_plot(
     fig, axes = plt.subplots(1, len(modes), figsize=(6.4 * len(modes), 4.4), squeeze=False)
     for ax, mode in zip(axes[0], modes, strict=True):
         rows = sorted((s for s in summaries if s.mode == mode and s.measured), key=_x)
-        names = [f"{_x(s):g}" for s in rows]
+        positions = list(range(len(rows)))  # numbers, not level strings: matplotlib frets
         bottom = [0.0] * len(rows)
         for part in BREAKDOWN:
             heights = [_finite(s.split_mean_ms.get(part)) for s in rows]
-            ax.bar(names, heights, bottom=bottom, label=BREAKDOWN_LABELS[part])
+            ax.bar(positions, heights, bottom=bottom, label=BREAKDOWN_LABELS[part])
             bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
         for x, (top, s) in enumerate(zip(bottom, rows, strict=True)):
             ax.annotate(f"n={s.samples}", (x, top), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(positions, [f"{_x(s):g}" for s in rows])
         ax.set(title=f"where the time went (mean), {mode} loop", xlabel=XLABEL[mode], ylabel="ms")
         ax.grid(True, axis="y", alpha=0.3)
         if rows:

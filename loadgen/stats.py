@@ -8,7 +8,11 @@ after the level, from whichever records fall in its measurement window.
 
 Window rule: a request belongs to the window that holds its send time (its *scheduled* send time
 in open loop), and the level keeps its load on until every such request has returned, so the
-last requests of a window see the same load as the first ones.
+last requests of a window see the same load as the first ones. Latency percentiles are of the
+window's successful requests (their count, `samples`, goes with every percentile, with
+bootstrap intervals); throughput is goodput, the successful responses that *arrived* in the
+window, whenever they were sent, so an overloaded open loop reports what the server managed
+and not what it was offered.
 """
 
 from __future__ import annotations
