@@ -10,9 +10,10 @@ Per run and loop mode:
 
 * peak: the measured level with the highest RTFx *achieved* (goodput), open-loop levels
   that saturated excluded (their offered rate never came back);
-* SLO capacity (`--slo-p99-ms X`): walking the levels up, the last one before the first that
-  fails (p99 above X, an error, a dropped arrival, saturation or no measurement), and the
-  throughput achieved there; a higher level that passes again after a failure does not count;
+* SLO capacity (`--slo-p99-ms X`): walking the levels up, those before the first that fails
+  (p99 above X, an error, a dropped arrival, saturation or no measurement), and of them the
+  one with the highest throughput achieved; a higher level that passes again after a failure
+  does not count;
 * cost per 1,000 audio hours = price per hour x 1000 / RTFx, at the peak and at the SLO point
   (needs the run's `--price-per-hour`); the cheapest run that meets the SLO is named.
 
@@ -194,14 +195,16 @@ def meets(level: dict[str, Any], slo_p99_ms: float) -> bool:
 
 
 def slo_capacity(levels: list[dict[str, Any]], slo_p99_ms: float) -> dict[str, Any] | None:
-    """Walking up the levels: the last one before the first that fails the SLO (None when
-    the lowest fails). Capacity is monotonic: a pass above a failure is noise, not capacity."""
-    passing = None
+    """Walking up the levels, those before the first that fails the SLO; of them the one with
+    the highest RTFx achieved (the lower level on a tie: one would not load a card further
+    for less). None when the lowest level fails. Capacity is monotonic: a pass above a
+    failure is noise, not capacity."""
+    passing: list[dict[str, Any]] = []
     for lv in sorted(levels, key=level_x):
         if not meets(lv, slo_p99_ms):
             break
-        passing = lv
-    return passing
+        passing.append(lv)
+    return max(passing, key=lambda lv: (_num(lv.get("audio_s_per_s")), -level_x(lv)), default=None)
 
 
 def cost_per_1000h(price_per_hour: float | None, audio_s_per_s: float | None) -> float | None:

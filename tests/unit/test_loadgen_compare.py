@@ -112,6 +112,9 @@ def test_slo_capacity_stops_at_the_first_failing_level():
     levels = [level(4, 90, 800), level(1, 20, 300), level(2, 40, 1200)]  # any order
     capacity = slo_capacity(levels, 1000)
     assert (capacity["concurrency"], capacity["audio_s_per_s"]) == (1, 20)
+    # Of the levels before the first failure, the best throughput achieved (c=4 fell back).
+    dip = [level(1, 20, 300), level(2, 40, 500), level(4, 35, 700), level(8, 90, 1500)]
+    assert slo_capacity(dip, 1000)["concurrency"] == 2
     not_measured = {**level(2, 0, 0), "measured": False, "p99_ms": None}
     assert (
         slo_capacity([level(1, 20, 300), not_measured, level(4, 90, 800)], 1000)["concurrency"] == 1
