@@ -144,6 +144,7 @@ def test_stream_mode_with_stability_windows(real_server, tmp_path: Path):
     assert int(row["requests"]) >= 2 and int(row["errors"]) == 0, row
     assert float(row["wer"]) < WER_BOUND, row
     assert row["windows"] == "3" and row["stable"] in ("true", "false")
+    assert row["stability"].endswith(")") and "after 3 windows (goodput ±" in row["stability"]
     assert float(row["duration_s"]) == 6.0  # the last three windows
     assert json.loads((out / "summary.json").read_text())["mode"] == "stream"
 
