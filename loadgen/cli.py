@@ -119,6 +119,12 @@ def _add_compare(p: argparse.ArgumentParser) -> None:
         default=[],
         help="LABEL=$/h: price a run (or override its --price-per-hour), repeatable",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="compare runs that differ in data set, mode, model, dtype or load settings "
+        "(printed as a warning above the table) instead of refusing",
+    )
 
 
 def _add_fetch(p: argparse.ArgumentParser) -> None:
@@ -219,7 +225,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     prices = parse_prices(args.price)
     runs = [load_run(path, prices) for path in args.runs]
-    _, text = write_compare(args.out, runs, args.slo_p99_ms)
+    _, text = write_compare(args.out, runs, args.slo_p99_ms, force=args.force)
     print(text)
     print(f"\nreport: {args.out / 'report.html'}")
     return 0

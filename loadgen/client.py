@@ -207,7 +207,20 @@ def _fields(
             batch_size=timing.batch_size,
             windows=timing.windows,
         )
+        for name, proto_field in SPLIT_FIELDS.items():  # unset: a server that does not split
+            if timing.HasField(proto_field):
+                fields[name] = _ms(getattr(timing, proto_field))
     return fields
+
+
+SPLIT_FIELDS = {
+    "prepare_ms": "prepare_time",
+    "wait_ms": "wait_time",
+    "encode_ms": "encode_time",
+    "decode_ms": "decode_time",
+    "held_ms": "held_up_time",
+}
+"""Record field -> ServerTiming field of the server's timing split."""
 
 
 def wait_until_serving(channel: grpc.Channel, timeout_s: float) -> None:

@@ -1,11 +1,19 @@
 """`loadgen compare`: several runs (typically one per GPU type) in one table and one set of
 plots, with capacity under a latency SLO and the cost of transcribing 1,000 hours of audio.
 
+Runs are compared only when their figures mean the same thing: the same data set
+(fingerprint), request mode, model, dtype and load-generator settings (window, warm-up,
+sample, deadline, ...). Otherwise `compare` refuses and names the differences; `--force`
+compares anyway and prints the differences above the table (and in the report).
+
 Per run and loop mode:
 
-* peak: the level with the highest RTFx (audio seconds transcribed per second);
-* SLO capacity (`--slo-p99-ms X`): the highest concurrency (or rate) whose p99 latency is at
-  most X with no errors and no dropped requests, and the throughput there;
+* peak: the measured level with the highest RTFx *achieved* (goodput), open-loop levels
+  that saturated excluded (their offered rate never came back);
+* SLO capacity (`--slo-p99-ms X`): walking the levels up, those before the first that fails
+  (p99 above X, an error, a dropped arrival, saturation or no measurement), and of them the
+  one with the highest throughput achieved; a higher level that passes again after a failure
+  does not count;
 * cost per 1,000 audio hours = price per hour x 1000 / RTFx, at the peak and at the SLO point
   (needs the run's `--price-per-hour`); the cheapest run that meets the SLO is named.
 
@@ -14,6 +22,7 @@ Runs are labelled by their `--label`, else the GPU (device) name from GetServerI
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -22,6 +31,7 @@ from typing import Any
 
 from loadgen.errors import UsageError
 from loadgen.report import (
+    LOW_SAMPLES,
     XLABEL,
     Panel,
     Series,
@@ -34,6 +44,24 @@ from loadgen.report import (
 )
 
 AUDIO_HOURS = 1000.0
+SAME_SETTINGS = (
+    "duration_s",
+    "warmup_s",
+    "stability",
+    "stability_tolerance",
+    "limit",
+    "seed",
+    "timeout_s",
+    "channels",
+    "max_inflight",
+    "late_ms",
+    "generators",
+)
+"""Load-generator settings that change what a figure means; the levels swept may differ."""
+
+
+class NotComparable(UsageError):
+    """Runs whose figures do not mean the same thing; the message lists the differences."""
 
 
 @dataclass
@@ -51,6 +79,10 @@ class Row:
     label: str
     device_name: str
     model: str
+    engine: str
+    dtype: str
+    max_batch_size: int | None
+    max_active: int | None
     mode: str
     levels: int
     peak_level: float | None
@@ -61,6 +93,9 @@ class Row:
     slo_rps: float | None
     slo_audio_s_per_s: float | None
     slo_p99_ms: float | None
+    slo_samples: int | None
+    """Samples behind the SLO point's p99 (under LOW_SAMPLES: marked)."""
+    slo_p99_ci_ms: tuple[float, float] | None
     price_per_hour: float | None
     cost_1000h_peak: float | None
     cost_1000h_slo: float | None
@@ -98,6 +133,33 @@ def parse_prices(pairs: list[str]) -> dict[str, float]:
     return prices
 
 
+def comparability(runs: list[Run]) -> list[str]:
+    """What differs between the runs and makes their figures incomparable (empty: nothing)."""
+    facts: dict[str, list[Any]] = {}
+    for run in runs:
+        info = run.meta.get("server_info") or {}
+        settings = run.meta.get("settings") or {}
+        run_facts = {
+            "data set (fingerprint)": (run.meta.get("dataset") or {}).get("fingerprint"),
+            "request mode": run.meta.get("mode"),
+            "model": info.get("model_id"),
+            "dtype": info.get("dtype"),
+            **{
+                f"--{k.removesuffix('_s').replace('_', '-')}": settings.get(k)
+                for k in SAME_SETTINGS
+            },
+        }
+        for key, value in run_facts.items():
+            facts.setdefault(key, []).append(value)
+    labels = [r.label for r in _unique_labels(runs)]
+    return [
+        f"{key} differs: "
+        + ", ".join(f"{label}={value}" for label, value in zip(labels, values, strict=True))
+        for key, values in facts.items()
+        if len({json.dumps(v, sort_keys=True) for v in values}) > 1
+    ]
+
+
 def level_x(level: dict[str, Any]) -> float:
     return float(level["concurrency"] if level["mode"] == "closed" else level["rate"])
 
@@ -106,20 +168,43 @@ def _num(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
 
+def measured(level: dict[str, Any]) -> bool:
+    """Runs made before `measured` was recorded: measured when it has a p99."""
+    return bool(level.get("measured", not math.isnan(_num(level.get("p99_ms")))))
+
+
+def usable(level: dict[str, Any]) -> bool:
+    """A level whose throughput can be quoted: measured and not saturated."""
+    return measured(level) and not level.get("saturated")
+
+
 def peak(levels: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The level with the highest RTFx (the lower concurrency on a tie)."""
-    usable = [lv for lv in levels if not math.isnan(_num(lv.get("audio_s_per_s")))]
-    return max(usable, key=lambda lv: (_num(lv["audio_s_per_s"]), -level_x(lv)), default=None)
+    """The usable level with the highest RTFx achieved (the lower level on a tie); a level
+    from which nothing came back in its window is no peak."""
+    candidates = [lv for lv in levels if usable(lv) and _num(lv.get("audio_s_per_s")) > 0]
+    return max(candidates, key=lambda lv: (_num(lv["audio_s_per_s"]), -level_x(lv)), default=None)
+
+
+def meets(level: dict[str, Any], slo_p99_ms: float) -> bool:
+    return (
+        usable(level)
+        and _num(level.get("p99_ms")) <= slo_p99_ms
+        and not level.get("errors")
+        and not level.get("dropped")
+    )
 
 
 def slo_capacity(levels: list[dict[str, Any]], slo_p99_ms: float) -> dict[str, Any] | None:
-    """The highest level whose p99 is at most the SLO, with no errors and nothing dropped."""
-    meeting = [
-        lv
-        for lv in levels
-        if _num(lv.get("p99_ms")) <= slo_p99_ms and not lv.get("errors") and not lv.get("dropped")
-    ]
-    return max(meeting, key=level_x, default=None)
+    """Walking up the levels, those before the first that fails the SLO; of them the one with
+    the highest RTFx achieved (the lower level on a tie: one would not load a card further
+    for less). None when the lowest level fails. Capacity is monotonic: a pass above a
+    failure is noise, not capacity."""
+    passing: list[dict[str, Any]] = []
+    for lv in sorted(levels, key=level_x):
+        if not meets(lv, slo_p99_ms):
+            break
+        passing.append(lv)
+    return max(passing, key=lambda lv: (_num(lv.get("audio_s_per_s")), -level_x(lv)), default=None)
 
 
 def cost_per_1000h(price_per_hour: float | None, audio_s_per_s: float | None) -> float | None:
@@ -145,10 +230,16 @@ def compare_runs(runs: list[Run], slo_p99_ms: float | None) -> list[Row]:
                     label=run.label,
                     device_name=str(info.get("device_name", "")),
                     model=str(info.get("model_id", "")),
+                    engine=str(info.get("engine") or "generate"),
+                    dtype=str(info.get("dtype", "")),
+                    max_batch_size=info.get("max_batch_size"),
+                    max_active=info.get("max_active") or None,
                     mode=mode,
                     levels=len(levels),
                     **_point("peak", top),
                     **_point("slo", slo),
+                    slo_samples=slo.get("samples") if slo else None,
+                    slo_p99_ci_ms=tuple(slo["p99_ci_ms"]) if slo and slo.get("p99_ci_ms") else None,
                     price_per_hour=price,
                     cost_1000h_peak=cost_per_1000h(price, top["audio_s_per_s"] if top else None),
                     cost_1000h_slo=cost_per_1000h(price, slo["audio_s_per_s"] if slo else None),
@@ -185,18 +276,32 @@ def cheapest(rows: list[Row], mode: str = "closed") -> Row | None:
 def markdown(rows: list[Row], slo_p99_ms: float | None) -> str:
     slo = f"p99<={slo_p99_ms:g}ms" if slo_p99_ms is not None else "SLO"
     header = [
-        "run", "mode", "peak at", "peak req/s", "peak RTFx", f"{slo} at", f"{slo} req/s",
-        f"{slo} RTFx", "$/h", "$/1000 h (peak)", f"$/1000 h ({slo})", "WER",
+        "run", "engine", "dtype", "batch", "max_active", "mode", "peak at", "peak RTFx",
+        f"{slo} at", f"{slo} req/s", f"{slo} RTFx", "p99 ms there (n)", "$/h",
+        "$/1000 h (peak)", f"$/1000 h ({slo})", "WER",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         values = [
-            r.label, r.mode, _level(r.peak_level), r.peak_rps, r.peak_audio_s_per_s,
-            _level(r.slo_level), r.slo_rps, r.slo_audio_s_per_s, r.price_per_hour,
-            r.cost_1000h_peak, r.cost_1000h_slo, r.wer,
+            r.label, r.engine, r.dtype, r.max_batch_size, r.max_active, r.mode,
+            _level(r.peak_level), r.peak_audio_s_per_s, _level(r.slo_level), r.slo_rps,
+            r.slo_audio_s_per_s, _p99_cell(r), r.price_per_hour, r.cost_1000h_peak,
+            r.cost_1000h_slo, r.wer,
         ]  # fmt: skip
         lines.append("| " + " | ".join(_fmt(v) for v in values) + " |")
+    if any(r.slo_samples is not None and r.slo_samples < LOW_SAMPLES for r in rows):
+        lines.append(f"\n\\* p99 of fewer than {LOW_SAMPLES} samples: about the largest value.")
     return "\n".join(lines)
+
+
+def _p99_cell(r: Row) -> str | None:
+    if r.slo_p99_ms is None:
+        return None
+    mark = "*" if r.slo_samples is not None and r.slo_samples < LOW_SAMPLES else ""
+    ci = ""
+    if r.slo_p99_ci_ms and not any(v is None or math.isnan(v) for v in r.slo_p99_ci_ms):
+        ci = f" [{r.slo_p99_ci_ms[0]:.0f}-{r.slo_p99_ci_ms[1]:.0f}]"
+    return f"{r.slo_p99_ms:.0f}{mark}{ci} (n={r.slo_samples})"
 
 
 def _level(value: float | None) -> str | None:
@@ -212,33 +317,134 @@ def _fmt(value: Any) -> str:
 
 
 def compare_plots(out: Path, runs: list[Run], slo_p99_ms: float | None) -> list[Path]:
+    """compare_latency.png (the hockey stick: p99 against throughput achieved),
+    compare_throughput.png (RTFx achieved per level) and, with prices, compare_cost.png (cost
+    per 1,000 audio hours against the SLO one would set)."""
     modes = [m for m in ("closed", "open") if any(lv["mode"] == m for r in runs for lv in r.levels)]
     if not modes:
         return []
     latency, throughput = [], []
+    slo_label = f"SLO p99 {slo_p99_ms:g} ms" if slo_p99_ms is not None else ""
     for mode in modes:
         p99, rtfx = [], []
         for run in _unique_labels(runs):
-            levels = sorted((lv for lv in run.levels if lv["mode"] == mode), key=level_x)
-            xs = [level_x(lv) for lv in levels]
-            p99.append(Series(run.label, xs, [_num(lv["p99_ms"]) for lv in levels]))
-            rtfx.append(Series(run.label, xs, [_num(lv["audio_s_per_s"]) for lv in levels]))
+            levels = sorted(
+                (lv for lv in run.levels if lv["mode"] == mode and measured(lv)), key=level_x
+            )
+            notes = [_note(lv) for lv in levels]
+            p99.append(
+                Series(
+                    run.label,
+                    [_num(lv["audio_s_per_s"]) for lv in levels],
+                    [_num(lv["p99_ms"]) for lv in levels],
+                    notes,
+                )
+            )
+            rtfx.append(
+                Series(
+                    run.label,
+                    [level_x(lv) for lv in levels],
+                    [_num(lv["audio_s_per_s"]) for lv in levels],
+                )
+            )
         latency.append(
-            Panel(f"p99 latency, {mode} loop", XLABEL[mode], "p99 (ms)", p99, hline=slo_p99_ms)
+            Panel(
+                f"p99 latency vs throughput achieved, {mode} loop",
+                "RTFx achieved (audio s per s)",
+                "p99 latency (ms)",
+                p99,
+                hline=slo_p99_ms,
+                hline_label=slo_label,
+                x_zero=True,
+            )
         )
-        throughput.append(Panel(f"throughput, {mode} loop", XLABEL[mode], "RTFx (audio s/s)", rtfx))
-    return [
+        throughput.append(
+            Panel(
+                f"throughput achieved, {mode} loop",
+                XLABEL[mode],
+                "RTFx (audio s/s)",
+                rtfx,
+                integer_x=mode == "closed",
+            )
+        )
+    plots = [
         line_plots(out / "compare_latency.png", latency),
         line_plots(out / "compare_throughput.png", throughput),
     ]
+    cost = _cost_panel(runs, slo_p99_ms)
+    if cost is not None:
+        plots.append(line_plots(out / "compare_cost.png", [cost]))
+    return plots
 
 
-def write_compare(out: Path, runs: list[Run], slo_p99_ms: float | None) -> tuple[list[Row], str]:
-    """All outputs of a comparison; returns the rows and the text printed to the terminal."""
+def _note(level: dict[str, Any]) -> str:
+    """Label of a point: its level, samples, errors."""
+    x = level_x(level)
+    note = f"{'c' if level['mode'] == 'closed' else 'r'}={x:g} n={level.get('samples', '?')}"
+    if level.get("errors"):
+        note += f" err={level['errors']}"
+    if level.get("saturated"):
+        note += " SAT"
+    return note
+
+
+def _cost_panel(runs: list[Run], slo_p99_ms: float | None) -> Panel | None:
+    """Closed loop: $ per 1,000 audio hours at the SLO capacity, for every SLO from the
+    lowest p99 measured to the highest (a step per level): where a card becomes cheaper."""
+    p99s = [
+        _num(lv.get("p99_ms"))
+        for r in runs
+        for lv in r.levels
+        if lv["mode"] == "closed" and measured(lv)
+    ]
+    p99s = [p for p in p99s if not math.isnan(p)]
+    priced = [r for r in _unique_labels(runs) if r.meta.get("price_per_hour") is not None]
+    if not p99s or not priced:
+        return None
+    lo, hi = min(p99s), max(p99s) * 1.1
+    slos = [lo + (hi - lo) * i / 200 for i in range(201)]
+    series = []
+    for run in priced:
+        levels = [lv for lv in run.levels if lv["mode"] == "closed"]
+        ys = []
+        for slo in slos:
+            point = slo_capacity(levels, slo)
+            cost = cost_per_1000h(
+                run.meta["price_per_hour"], point["audio_s_per_s"] if point else None
+            )
+            ys.append(float("nan") if cost is None else cost)
+        series.append(Series(run.label, slos, ys, style="-"))
+    return Panel(
+        "cost at the SLO capacity, closed loop",
+        "SLO: p99 latency at most (ms)",
+        "$ per 1,000 audio hours",
+        series,
+        vline=slo_p99_ms,
+        x_zero=True,
+    )
+
+
+def write_compare(
+    out: Path, runs: list[Run], slo_p99_ms: float | None, force: bool = False
+) -> tuple[list[Row], str]:
+    """All outputs of a comparison; returns the rows and the text printed to the terminal.
+    Raises NotComparable when the runs differ in what their figures mean, unless `force`."""
+    differences = comparability(runs)
+    if differences and not force:
+        raise NotComparable(
+            "these runs are not comparable:\n  " + "\n  ".join(differences)
+            + "\nmake them with the same data set, --mode, model, dtype and load settings, "
+            "or pass --force to compare anyway"
+        )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     rows = compare_runs(runs, slo_p99_ms)
     best = cheapest(rows)
-    text = markdown(rows, slo_p99_ms)
+    warning = (
+        "WARNING: compared with --force although:\n" + "\n".join(f"- {d}" for d in differences)
+        if differences
+        else ""
+    )
+    text = (warning + "\n\n" if warning else "") + markdown(rows, slo_p99_ms)
     if slo_p99_ms is not None:
         text += "\n\n" + _verdict(best, slo_p99_ms)
     write_csv(out / "compare.csv", COLUMNS, (asdict(r) for r in rows))
@@ -246,6 +452,7 @@ def write_compare(out: Path, runs: list[Run], slo_p99_ms: float | None) -> tuple
         out / "compare.json",
         {
             "slo_p99_ms": slo_p99_ms,
+            "differences": differences,
             "cheapest_meeting_slo": asdict(best) if best else None,
             "rows": [asdict(r) for r in rows],
         },
@@ -254,6 +461,13 @@ def write_compare(out: Path, runs: list[Run], slo_p99_ms: float | None) -> tuple
     plots = compare_plots(out, runs, slo_p99_ms)
     body = (
         "<h1>Load test comparison</h1>"
+        + (
+            "<div class='warn'><b>Compared with --force although:</b><ul>"
+            + "".join(f"<li>{html.escape(d)}</li>" for d in differences)
+            + "</ul></div>"
+            if differences
+            else ""
+        )
         + html_table(COLUMNS, ([getattr(r, c) for c in COLUMNS] for r in rows))
         + (f"<p>{_verdict(best, slo_p99_ms)}</p>" if slo_p99_ms is not None else "")
         + "".join(html_image(p) for p in plots)

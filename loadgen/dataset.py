@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from typing import Any
 import soundfile as sf
 
 from loadgen.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 ENCODINGS = {".flac": "FLAC", ".wav": "WAV", ".ogg": "OGG", ".opus": "OGG", ".mp3": ""}
 """File suffix -> RecognitionConfig encoding name ("": let the server read the header)."""
@@ -116,6 +119,11 @@ def load_dataset(
         entries, kind = folder_entries(root), "folder"
     if not entries:
         raise DatasetError(f"no *.trans.txt and no audio files ({', '.join(ENCODINGS)}) in {root}")
+    if limit is not None and limit > len(entries):
+        log.warning(
+            "--limit %d but %s holds only %d files: using all %d", limit, spec, len(entries),
+            len(entries),
+        )  # fmt: skip
     return Dataset(spec, kind, tuple(read_entry(e) for e in select(entries, limit, seed)))
 
 
@@ -195,6 +203,10 @@ def _huggingface_items(spec: str, limit: int | None) -> list[Item]:
             items.append(_hf_item(row))
     except Exception as err:  # network, auth, unknown name: one clear message
         raise DatasetError(f"could not load {spec} from the Hugging Face hub: {err}") from err
+    if limit is not None and len(items) < limit:
+        log.warning(
+            "--limit %d but %s holds only %d files: using all of them", limit, spec, len(items)
+        )
     return items
 
 

@@ -94,18 +94,28 @@ class MasterCoordinator:
     def _wait_for_workers(self) -> None:
         n = self._config.expect_workers
         if not self._wait(lambda: len(self._hellos) >= n, self._config.worker_timeout_s):
-            raise WorkersMissing(
+            missing = WorkersMissing(
                 f"{len(self._hellos)} of {n} workers connected within "
                 f"{self._config.worker_timeout_s:.0f} s"
             )
+            self._reject(str(missing))  # the ones that came are not left waiting
+            raise missing
         for name, hello in self._hellos.items():
             if hello["fingerprint"] != self._fingerprint:
-                raise WorkerMismatch(
+                error = WorkerMismatch(
                     f"worker {name} loaded {hello['files']} files (fingerprint "
                     f"{hello['fingerprint']}) but the master {self._fingerprint}: give every "
                     "process the same --dataset, --limit and --seed"
                 )
+                self._reject(str(error))
+                raise error
         log.info("%d workers ready: %s", n, ", ".join(sorted(self._hellos)))
+
+    def _reject(self, reason: str) -> None:
+        """Tell every worker why the run ends (a worker otherwise waits for a master that
+        is gone), then let them go."""
+        self._runner.send_message("loadgen_reject", {"reason": reason})
+        self._runner.quit()
 
     def _wait(self, done: Any, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -139,6 +149,9 @@ class Worker:
     def __init__(self, env: Environment, runner: Any, ctx: LoadContext) -> None:
         self._runner = runner
         self._ctx = ctx
+        self.rejected = ""
+        """The master's reason, when it refused this worker (the run is over)."""
+        runner.register_message("loadgen_reject", self.on_reject)
         runner.register_message("loadgen_level", self.on_level)
         runner.register_message("loadgen_drain", self.on_drain, concurrent=True)  # it blocks
         env.events.report_to_master.add_listener(self.on_report)
@@ -153,6 +166,10 @@ class Worker:
                 "files": len(dataset.items),
             },
         )
+
+    def on_reject(self, environment: Environment, msg: Any, **_: Any) -> None:
+        self.rejected = str(msg.data["reason"])
+        log.error("the master refused this worker: %s", self.rejected)
 
     def on_level(self, environment: Environment, msg: Any, **_: Any) -> None:
         self._ctx.connect(Connection.from_dict(msg.data["connection"]))
@@ -192,8 +209,11 @@ def run_worker(
     ctx = LoadContext(dataset, env.events.request.fire, worker=f"w{runner.worker_index}", seed=seed)
     env.events.request.add_listener(ctx.recorder.on_request)
     bind(ctx)
-    Worker(env, runner, ctx).hello()
+    worker = Worker(env, runner, ctx)
+    worker.hello()
     log.info("worker %s connected to %s:%d", ctx.worker, master_host, master_port)
     runner.greenlet.join()
     ctx.close()
+    if worker.rejected:
+        raise WorkerMismatch(f"refused by the master: {worker.rejected}")
     return 0

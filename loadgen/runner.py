@@ -27,14 +27,17 @@ from loadgen.client import check_mode_supported, make_channels, server_info, wai
 from loadgen.config import Connection, LevelPlan, RunConfig
 from loadgen.dataset import Dataset, load_dataset
 from loadgen.stats import (
+    LOW_SAMPLES,
     LevelResult,
     LevelSummary,
     Record,
     Recorder,
     WindowStat,
+    completed_in,
     in_window,
     is_stable,
     percentiles,
+    stability_verdict,
     summarize,
     window_stat,
 )
@@ -196,11 +199,42 @@ def run_level(
         rate=plan.rate,
         references=dataset.references,
         late_ms=plan.late_ms,
+        completions=completed_in(records, measure_ts, end_ts),
+        seed=config.seed,
     )
     summary.windows = max(len(windows), 1)
-    summary.stable = is_stable(windows, config.stability_tolerance) if config.stability else None
+    if config.stability:
+        summary.stable = is_stable(windows, config.stability_tolerance)
+        summary.stability = stability_verdict(windows, summary.stable, STABLE_WINDOWS)
+    _warn(plan, summary, config)
     progress.done(plan, summary)
     return LevelResult(plan, summary, records, begin_ts, first_window_ts, measure_ts, end_ts)
+
+
+def _warn(plan: LevelPlan, s: LevelSummary, config: RunConfig) -> None:
+    """Say what makes a level's figures weak, where the operator sees it."""
+    if not s.measured:
+        log.warning(
+            "%s %s: no successful request was sent in the %.0f s window, so the level is "
+            "not measured (plotted and tabled as such, not as 0): give --duration (and "
+            "--warmup) longer than one request takes at this load",
+            plan.mode, plan.describe(), s.duration_s,
+        )  # fmt: skip
+    elif s.saturated:
+        log.warning(
+            "%s %s: saturated: %.2f req/s came back of %.2f req/s offered%s; this level is "
+            "past the server's capacity and is never reported as a peak",
+            plan.mode, plan.describe(), s.rps, s.offered_rps or 0.0,
+            f" ({s.dropped} arrivals dropped)" if s.dropped else "",
+        )  # fmt: skip
+    elif s.p99_low_samples:
+        log.info(
+            "%s %s: p99 is of %d samples (under %d): marked; a longer --duration gives a p99 "
+            "worth comparing",
+            plan.mode, plan.describe(), s.samples, LOW_SAMPLES,
+        )  # fmt: skip
+    if config.stability and not s.stable:
+        log.warning("%s %s: %s", plan.mode, plan.describe(), s.stability)
 
 
 def _measure(
@@ -216,8 +250,8 @@ def _measure(
         if not config.stability:
             return end_ts, windows
         coordinator.settle(end_ts)
-        window = in_window(coordinator.recorder.peek(), end_ts - config.duration_s, end_ts)
-        windows.append(window_stat(window, config.duration_s))
+        start_ts = end_ts - config.duration_s
+        windows.append(window_stat(coordinator.recorder.peek(), start_ts, end_ts))
         if is_stable(windows, config.stability_tolerance, STABLE_WINDOWS):
             return end_ts, windows
         if len(windows) >= config.max_windows:
@@ -248,17 +282,23 @@ class Progress:
         since = [r for r in records if r.sent_ts >= (window_ts if now >= window_ts else begin_ts)]
         ok = [r.latency_ms for r in since if r.ok]
         p50, p99 = percentiles(ok, [50, 99])
+        latency = f"p50 {p50:.0f} ms, p99 {p99:.0f} ms" if ok else "no response yet"
         return (
             f"[{plan.index + 1}/{self._levels} {plan.mode} {plan.describe()}] {phase} "
-            f"{now - begin_ts:5.1f} s | {len(since)} req, {len(since) - len(ok)} err | "
-            f"p50 {p50:.0f} ms, p99 {p99:.0f} ms"
+            f"{now - begin_ts:5.1f} s | {len(since)} req, {len(since) - len(ok)} err | {latency}"
         )
 
     def done(self, plan: LevelPlan, s: LevelSummary) -> None:
+        head = f"[{plan.index + 1}/{self._levels} {plan.mode} {plan.describe()}] done: "
+        if not s.measured:
+            self._write(f"{head}{s.requests} req, {s.errors} err: NOT MEASURED")
+            return
         self._write(
-            f"[{plan.index + 1}/{self._levels} {plan.mode} {plan.describe()}] done: "
-            f"{s.requests} req, {s.errors} err, {s.rps:.2f} req/s, RTFx {s.audio_s_per_s:.1f}, "
-            f"p50 {s.p50_ms:.0f} ms, p99 {s.p99_ms:.0f} ms"
+            f"{head}{s.requests} req, {s.errors} err, goodput {s.rps:.2f} req/s"
+            + (f" of {s.offered_rps:g} offered" if s.offered_rps else "")
+            + (" (SATURATED)" if s.saturated else "")
+            + f", RTFx {s.audio_s_per_s:.1f}, p50 {s.p50_ms:.0f} ms, "
+            f"p99 {s.p99_ms:.0f} ms (n={s.samples})" + (f", {s.stability}" if s.stability else "")
         )
 
     def _write(self, line: str) -> None:

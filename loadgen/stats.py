@@ -8,7 +8,11 @@ after the level, from whichever records fall in its measurement window.
 
 Window rule: a request belongs to the window that holds its send time (its *scheduled* send time
 in open loop), and the level keeps its load on until every such request has returned, so the
-last requests of a window see the same load as the first ones.
+last requests of a window see the same load as the first ones. Latency percentiles are of the
+window's successful requests (their count, `samples`, goes with every percentile, with
+bootstrap intervals); throughput is goodput, the successful responses that *arrived* in the
+window, whenever they were sent, so an overloaded open loop reports what the server managed
+and not what it was offered.
 """
 
 from __future__ import annotations
@@ -53,6 +57,18 @@ class Record:
     late_ms: float = 0.0
     """How long after its scheduled time the generator actually sent it (open loop)."""
     error: str = ""
+    # The server's split of server_ms (ServerTiming fields 7-11; NaN from servers without it):
+    # prepare (decode audio, features), wait (queued), encode, decode, held up by others.
+    prepare_ms: float = NAN
+    wait_ms: float = NAN
+    encode_ms: float = NAN
+    decode_ms: float = NAN
+    held_ms: float = NAN
+
+    @property
+    def done_ts(self) -> float:
+        """Epoch seconds of the response (or error)."""
+        return self.sent_ts + self.latency_ms / 1000.0
 
     @property
     def ok(self) -> bool:
@@ -123,6 +139,12 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else NAN
 
 
+LOW_SAMPLES = 100
+"""Below this many samples a p99 is about the largest one or two values: it is marked."""
+SPLIT = ("prepare", "wait", "encode", "decode", "held")
+"""The server's timing split (Record fields `<name>_ms`), in the order a request lives it."""
+
+
 @dataclass
 class LevelSummary:
     """One row of summary.csv: a load level's measurement window, aggregated."""
@@ -138,9 +160,10 @@ class LevelSummary:
     late: int
     duration_s: float
     rps: float
-    """Successful responses per second of window."""
+    """Goodput: successful responses that *arrived* in the window, per second of window
+    (whenever they were sent). NaN when the level was not measured."""
     audio_s_per_s: float
-    """Seconds of audio transcribed per second of window: the RTFx."""
+    """Seconds of audio of those responses per second of window: the RTFx achieved."""
     p50_ms: float
     p90_ms: float
     p95_ms: float
@@ -154,40 +177,82 @@ class LevelSummary:
     overhead_p50_ms: float
     """Client latency minus the server's total time: network, serialization, client."""
     batch_size_mean: float
+    samples: int = 0
+    """Successful requests sent in the window: the sample every latency percentile is of."""
+    measured: bool = True
+    """False when no request sent in the window succeeded: no figure of this level means
+    anything (the window is shorter than one request, or everything failed)."""
+    offered_rps: float | None = None
+    """Open loop: the arrival rate asked for. Closed loop: None (the load follows the server)."""
+    sent_rps: float = NAN
+    """Requests sent (or scheduled, open loop) in the window, per second."""
+    saturated: bool | None = None
+    """Open loop: the server did not keep up (goodput short of the offered rate beyond
+    Poisson noise, or arrivals dropped). Never a peak or an SLO point. None in closed loop."""
+    rps_ci: tuple[float, float] = (NAN, NAN)
+    """95% interval of the goodput (the completions as a Poisson count)."""
+    p50_ci_ms: tuple[float, float] = (NAN, NAN)
+    p99_ci_ms: tuple[float, float] = (NAN, NAN)
+    """95% bootstrap intervals of p50 and p99."""
+    p99_low_samples: bool = False
+    """Fewer than LOW_SAMPLES samples: the p99 is marked in every table."""
+    split_p50_ms: dict[str, float] = field(default_factory=dict)
+    """Medians of the server's timing split (prepare, wait, encode, decode, held)."""
+    split_mean_ms: dict[str, float] = field(default_factory=dict)
+    """Means of the split plus `network` (latency - server total): these add up to mean_ms."""
     windows: int = 1
     stable: bool | None = None
+    stability: str = ""
+    """With --stability: the verdict in words (windows used, spread of the last three)."""
     errors_by_code: dict[str, int] = field(default_factory=dict)
     requests_by_worker: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_row(self) -> dict[str, Any]:
+        """to_dict with the split's medians as columns of their own (`wait_p50_ms`...)."""
+        row = self.to_dict()
+        row.update({f"{k}_p50_ms": v for k, v in self.split_p50_ms.items()})
+        return row
+
 
 CSV_COLUMNS = [
     "mode",
     "concurrency",
     "rate",
+    "measured",
+    "saturated",
     "requests",
+    "samples",
     "errors",
     "dropped",
     "late",
+    "offered_rps",
+    "sent_rps",
     "rps",
+    "rps_ci",
     "audio_s_per_s",
     "p50_ms",
+    "p50_ci_ms",
     "p90_ms",
     "p95_ms",
     "p99_ms",
+    "p99_ci_ms",
+    "p99_low_samples",
     "max_ms",
     "mean_ms",
     "wer",
     "queue_p50_ms",
     "queue_p99_ms",
     "infer_p50_ms",
+    *(f"{name}_p50_ms" for name in SPLIT),
     "overhead_p50_ms",
     "batch_size_mean",
     "duration_s",
     "windows",
     "stable",
+    "stability",
     "errors_by_code",
 ]
 
@@ -195,6 +260,11 @@ CSV_COLUMNS = [
 def in_window(records: Iterable[Record], start_ts: float, end_ts: float) -> list[Record]:
     """Records whose (scheduled) send time lies in [start_ts, end_ts)."""
     return [r for r in records if start_ts <= r.sent_ts < end_ts]
+
+
+def completed_in(records: Iterable[Record], start_ts: float, end_ts: float) -> list[Record]:
+    """Successful records whose response arrived in [start_ts, end_ts): what goodput counts."""
+    return [r for r in records if r.ok and start_ts <= r.done_ts < end_ts]
 
 
 def summarize(
@@ -207,14 +277,25 @@ def summarize(
     rate: float | None = None,
     references: Mapping[str, str] | None = None,
     late_ms: float = 20.0,
+    completions: Sequence[Record] | None = None,
+    seed: int = 0,
 ) -> LevelSummary:
-    """Aggregate one window's records. Latency percentiles are over successful requests only,
-    so a fast rejection cannot make a level look quick."""
+    """Aggregate one window's records (those sent in it). Latency percentiles are over
+    successful requests only, so a fast rejection cannot make a level look quick.
+
+    Throughput is goodput: `completions` are the level's successful responses that arrived
+    in the window (`completed_in`; default: the window's successes, for a window that ran to
+    the end of every request). Counting sends instead would credit an overloaded open loop
+    with the rate it was offered."""
     sent = [r for r in records if r.status != DROPPED]
     ok = [r for r in sent if r.ok]
+    done = ok if completions is None else completions
     latencies = [r.latency_ms for r in ok]
     p50, p90, p95, p99, p100 = percentiles(latencies, [50, 90, 95, 99, 100])
     timed = [r for r in ok if not math.isnan(r.server_ms)]
+    measured = bool(ok)
+    rps = len(done) / duration_s if measured else NAN
+    dropped = len(records) - len(sent)
     return LevelSummary(
         level=level,
         mode=mode,
@@ -222,11 +303,11 @@ def summarize(
         rate=rate,
         requests=len(sent),
         errors=len(sent) - len(ok),
-        dropped=len(records) - len(sent),
+        dropped=dropped,
         late=sum(1 for r in records if r.late_ms > late_ms),
         duration_s=duration_s,
-        rps=len(ok) / duration_s,
-        audio_s_per_s=sum(r.audio_s for r in ok) / duration_s,
+        rps=rps,
+        audio_s_per_s=sum(r.audio_s for r in done) / duration_s if measured else NAN,
         p50_ms=p50,
         p90_ms=p90,
         p95_ms=p95,
@@ -239,9 +320,78 @@ def summarize(
         infer_p50_ms=percentile((r.infer_ms for r in timed), 50),
         overhead_p50_ms=percentile((r.latency_ms - r.server_ms for r in timed), 50),
         batch_size_mean=_mean([float(r.batch_size) for r in timed]),
+        samples=len(ok),
+        measured=measured,
+        offered_rps=rate if mode == "open" else None,
+        sent_rps=(len(records) if mode == "open" else len(sent)) / duration_s,
+        saturated=is_saturated(len(done), rate, duration_s, dropped) if mode == "open" else None,
+        rps_ci=poisson_interval(len(done), duration_s) if measured else (NAN, NAN),
+        p50_ci_ms=bootstrap_interval(latencies, 50, seed),
+        p99_ci_ms=bootstrap_interval(latencies, 99, seed),
+        p99_low_samples=len(ok) < LOW_SAMPLES,
+        split_p50_ms=_split(timed, lambda xs: percentile(xs, 50)),
+        split_mean_ms=_split_means(timed),
         errors_by_code=dict(Counter(r.status for r in sent if not r.ok)),
         requests_by_worker=dict(Counter(r.worker for r in sent)),
     )
+
+
+def _split(records: Sequence[Record], stat: Any) -> dict[str, float]:
+    out = {}
+    for name in SPLIT:
+        values = [getattr(r, f"{name}_ms") for r in records]
+        values = [v for v in values if not math.isnan(v)]
+        out[name] = stat(values) if values else NAN
+    return out
+
+
+def _split_means(records: Sequence[Record]) -> dict[str, float]:
+    """Means of the split and of the network share; an engine that leaves a part unset
+    (encode, with the generate engine) contributes 0 to it, so the parts still add up."""
+    if not records:
+        return {}
+    out = {}
+    for name in SPLIT:
+        values = [getattr(r, f"{name}_ms") for r in records]
+        out[name] = _mean([0.0 if math.isnan(v) else v for v in values])
+    out["network"] = _mean([r.latency_ms - r.server_ms for r in records])
+    return out
+
+
+def is_saturated(completed: int, rate: float | None, duration_s: float, dropped: int) -> bool:
+    """An open-loop level whose server did not keep up: arrivals were dropped, or fewer
+    responses came back than were offered by more than 10% and more than Poisson noise (two
+    standard deviations of the offered count), so a short window does not cry wolf."""
+    if dropped:
+        return True
+    expected = (rate or 0.0) * duration_s
+    shortfall = expected - completed
+    return shortfall > 0.10 * expected and shortfall >= 2 * math.sqrt(expected)
+
+
+def poisson_interval(count: int, duration_s: float) -> tuple[float, float]:
+    """95% interval of a rate from a count: the score interval of a Poisson mean, k + z²/2 ±
+    z·sqrt(k + z²/4), which stays honest for small counts (0 gives [0, 3.8]/duration). It
+    overstates the spread of the steadier closed loop: on the safe side."""
+    z = 1.96
+    centre, half = count + z * z / 2, z * math.sqrt(count + z * z / 4)
+    return (max(0.0, centre - half) / duration_s, (centre + half) / duration_s)
+
+
+def bootstrap_interval(
+    values: Sequence[float], q: float, seed: int = 0, resamples: int = 1000
+) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the q-th percentile (NaN with under 2 values)."""
+    if len(values) < 2:
+        return (NAN, NAN)
+    import numpy as np
+
+    xs = np.asarray(values, dtype=np.float64)
+    resamples = max(200, min(resamples, 5_000_000 // len(xs)))  # bounded memory
+    rng = np.random.default_rng(seed)
+    stats = np.percentile(xs[rng.integers(0, len(xs), (resamples, len(xs)))], q, axis=1)
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return (float(lo), float(hi))
 
 
 def word_error_rate(records: Sequence[Record], references: Mapping[str, str]) -> float | None:
@@ -263,9 +413,27 @@ class WindowStat:
     p99_ms: float
 
 
-def window_stat(records: Sequence[Record], duration_s: float) -> WindowStat:
-    ok = [r.latency_ms for r in records if r.ok]
-    return WindowStat(len(ok) / duration_s, percentile(ok, 99))
+def window_stat(records: Sequence[Record], start_ts: float, end_ts: float) -> WindowStat:
+    """Goodput (responses that arrived in the window) and the p99 of requests sent in it."""
+    ok = [r.latency_ms for r in in_window(records, start_ts, end_ts) if r.ok]
+    return WindowStat(
+        len(completed_in(records, start_ts, end_ts)) / (end_ts - start_ts), percentile(ok, 99)
+    )
+
+
+def stability_verdict(windows: Sequence[WindowStat], stable: bool, count: int = 3) -> str:
+    """The --stability verdict of a level in words: how many windows it took, and how far
+    the last `count` spread (largest distance from their mean) on goodput and p99."""
+    last = windows[-count:]
+    spreads = []
+    for name, values in (("goodput", [w.rps for w in last]), ("p99", [w.p99_ms for w in last])):
+        mean = sum(values) / len(values) if values else NAN
+        if not values or math.isnan(mean) or mean <= 0:
+            spreads.append(f"{name} not measured")
+        else:
+            spreads.append(f"{name} ±{max(abs(v - mean) for v in values) / mean:.0%}")
+    verdict = "stable" if stable else "NOT stable"
+    return f"{verdict} after {len(windows)} windows ({', '.join(spreads)})"
 
 
 def is_stable(windows: Sequence[WindowStat], tolerance: float = 0.10, count: int = 3) -> bool:

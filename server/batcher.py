@@ -56,6 +56,15 @@ class Batched(Generic[Out]):
     infer_s: float  # the batch function's wall time
     batch_size: int
     batch_id: int  # tells apart the batches that served the windows of one request
+    # How infer_s splits (the continuous engine fills these; the micro-batcher's generate call
+    # is all decode): its own encoder pass (None: not measured apart), and the time it stood
+    # still while other windows' passes ran. decode_s is the rest.
+    encode_s: float | None = None
+    held_s: float = 0.0
+
+    @property
+    def decode_s(self) -> float:
+        return max(0.0, self.infer_s - (self.encode_s or 0.0) - self.held_s)
 
 
 @dataclass(frozen=True)

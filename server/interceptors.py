@@ -102,4 +102,5 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def _count(self, method: str, code: grpc.StatusCode, started: float) -> None:
         self.metrics.requests.labels(method, code.name).inc()
-        self.metrics.request_seconds.labels(method).observe(time.monotonic() - started)
+        if code == grpc.StatusCode.OK:  # a fast rejection must not make latency look good
+            self.metrics.request_seconds.labels(method).observe(time.monotonic() - started)

@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -68,6 +69,13 @@ class Timing:
     batch_size: int
     audio_s: float
     windows: int
+    # The split of total_s along the window that finished last (the critical path):
+    # prepare (decode, resample, features) + wait (queued) + encode + decode + held.
+    prepare_s: float = 0.0
+    wait_s: float = 0.0
+    encode_s: float | None = None  # None: the engine does not time the encoder apart
+    decode_s: float = 0.0
+    held_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -139,6 +147,7 @@ class Recognizer:
         background: bool = False,
     ) -> Recognition:
         results: list[Batched[WindowResult]] = []
+        queued = time.monotonic()
         if tasks:
             results = await self.batcher.submit_many([t for _, t in tasks], deadline, background)
         segments = [
@@ -153,6 +162,7 @@ class Recognizer:
             batch_size=max((r.batch_size for r in results), default=0),
             audio_s=len(samples) / SAMPLE_RATE,
             windows=len(windows),
+            **_critical_path(results, queued - started),
         )
         return Recognition([s for s in segments if s.text], timing)
 
@@ -178,6 +188,21 @@ class Recognizer:
             )
             for w in windows
         ]
+
+
+def _critical_path(results: list[Batched[WindowResult]], prepare_s: float) -> dict[str, Any]:
+    """Timing's split fields from the window that finished last (windows of a request are
+    queued together, so it is the one with the longest queue + inference)."""
+    if not results:
+        return {"prepare_s": prepare_s}
+    last = max(results, key=lambda r: r.queue_s + r.infer_s)
+    return {
+        "prepare_s": prepare_s,
+        "wait_s": last.queue_s,
+        "encode_s": last.encode_s,
+        "decode_s": last.decode_s,
+        "held_s": last.held_s,
+    }
 
 
 def _segment(window: Window, result: WindowResult, offset_s: float) -> Segment:

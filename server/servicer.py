@@ -221,6 +221,11 @@ def _timing(t: Timing) -> asr_pb2.ServerTiming:
         batch_size=t.batch_size,
         audio_duration=_duration(t.audio_s),
         windows=t.windows,
+        prepare_time=_duration(t.prepare_s),
+        wait_time=_duration(t.wait_s),
+        encode_time=None if t.encode_s is None else _duration(t.encode_s),
+        decode_time=_duration(t.decode_s),
+        held_up_time=_duration(t.held_s),
     )
 
 

@@ -71,20 +71,30 @@ class RecognizeRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[RecognitionConfig, _Mapping]] = ..., audio: _Optional[_Union[RecognitionAudio, _Mapping]] = ...) -> None: ...
 
 class ServerTiming(_message.Message):
-    __slots__ = ("queue_time", "inference_time", "total_time", "batch_size", "audio_duration", "windows")
+    __slots__ = ("queue_time", "inference_time", "total_time", "batch_size", "audio_duration", "windows", "prepare_time", "wait_time", "encode_time", "decode_time", "held_up_time")
     QUEUE_TIME_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_TIME_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TIME_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     AUDIO_DURATION_FIELD_NUMBER: _ClassVar[int]
     WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    PREPARE_TIME_FIELD_NUMBER: _ClassVar[int]
+    WAIT_TIME_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_TIME_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TIME_FIELD_NUMBER: _ClassVar[int]
+    HELD_UP_TIME_FIELD_NUMBER: _ClassVar[int]
     queue_time: _duration_pb2.Duration
     inference_time: _duration_pb2.Duration
     total_time: _duration_pb2.Duration
     batch_size: int
     audio_duration: _duration_pb2.Duration
     windows: int
-    def __init__(self, queue_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., inference_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., total_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., batch_size: _Optional[int] = ..., audio_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., windows: _Optional[int] = ...) -> None: ...
+    prepare_time: _duration_pb2.Duration
+    wait_time: _duration_pb2.Duration
+    encode_time: _duration_pb2.Duration
+    decode_time: _duration_pb2.Duration
+    held_up_time: _duration_pb2.Duration
+    def __init__(self, queue_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., inference_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., total_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., batch_size: _Optional[int] = ..., audio_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., windows: _Optional[int] = ..., prepare_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., wait_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., encode_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., decode_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., held_up_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class RecognizeResponse(_message.Message):
     __slots__ = ("results", "total_billed_time", "timing")

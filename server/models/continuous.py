@@ -552,9 +552,10 @@ class ContinuousEngine:
         now = time.monotonic()
         for seq in done:
             r: _Request = seq.owner
+            # decoding is unset when it finished inside its own join pass (still running).
             result = Batched(
                 self.runtime.result(seq), r.joined - r.enqueued, now - r.joined,
-                seq.most_rows, r.batch_id,
+                seq.most_rows, r.batch_id, (r.decoding or now) - r.joined, r.held_s,
             )  # fmt: skip
             self._close(r, result)
 

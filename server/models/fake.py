@@ -2,12 +2,13 @@
 
 Its "features" are the audio samples themselves; its "transcript" says how many samples and
 what mean value it saw, so a test can tell which request a result belongs to. Tests can gate
-`run_batch` with events and make it fail on purpose.
+`run_batch` with events, make it fail on purpose, or give each window a cost (`delay_s`).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
@@ -23,6 +24,7 @@ class FakeModel(SpeechModel):
         self.gate: threading.Event | None = None  # when set by a test, run_batch waits on it
         self.started = threading.Event()  # set when a batch starts running
         self.worker_threads: set[str] = set()
+        self.delay_s = 0.0  # model time per window of a batch (a test sets the cost)
 
     def prepare(self, samples: np.ndarray) -> np.ndarray:
         return samples
@@ -39,6 +41,8 @@ class FakeModel(SpeechModel):
             self.gate.wait(timeout=30)
         if self.fail_with is not None:
             raise self.fail_with
+        if self.delay_s:
+            time.sleep(self.delay_s * len(tasks))  # stands in for compute: not a wait for state
         return [WindowResult(describe(t.features), "en", confidence=0.9) for t in tasks]
 
 

@@ -98,3 +98,38 @@ def test_master_and_two_workers(real_server, tmp_path: Path):
     assert all(n >= 1 for n in by_worker.values()), by_worker
     assert {r["status"] for r in records} == {"OK"}
     assert level["p50_ms"] <= level["p99_ms"] and level["wer"] < 0.15
+
+
+def test_a_worker_the_master_rejects_exits_with_the_masters_reason(tmp_path: Path):
+    """A worker with another sample of files (--limit 3 vs the master's 2) is refused: both
+    exit 2 and the worker says why, instead of waiting for a master that is gone."""
+    require_data()
+    from tests.integration.test_loadgen_run import serve_fake
+
+    server, address = serve_fake()
+    split = ["--dataset", str(LIBRISPEECH / "test-clean"), "--seed", "0"]
+    master_args = [
+        "run", "--master", "--expect-workers", "1", "--master-bind-host", "127.0.0.1",
+        "--master-bind-port", "0", "--target", address, *split, "--limit", "2",
+        "--concurrency", "1", "--duration", "1", "--worker-timeout", "120",
+        "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+    master = start(master_args, subprocess.DEVNULL, subprocess.PIPE)
+    worker: subprocess.Popen[str] | None = None
+    try:
+        assert master.stderr is not None
+        lines, seen = follow(master.stderr)
+        port = wait_for_port(lines, seen, timeout_s=120)
+        worker_args = ["run", "--worker", "--master-host", "127.0.0.1", "--master-port", str(port)]
+        worker = start([*worker_args, *split, "--limit", "3"], subprocess.PIPE, subprocess.STDOUT)
+        output, _ = worker.communicate(timeout=120)
+        assert worker.returncode == 2, output[-3000:]
+        assert "refused by the master: worker w0 loaded 3 files" in output
+        assert "give every process the same --dataset, --limit and --seed" in output
+        assert master.wait(timeout=60) == 2, "".join(seen)[-3000:]
+    finally:
+        for proc in (master, worker):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        server.stop(None).wait()

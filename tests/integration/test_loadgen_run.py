@@ -21,6 +21,9 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
+from server.config import Settings
+from server.embedded import EmbeddedServer
+from server.models.fake import FakeModel
 from tests.conftest import LIBRISPEECH, ROOT, require_data
 
 # tiny.en (greedy, fp32) gives about 4% on these files; the bound leaves room for the odd
@@ -32,6 +35,9 @@ RUN_FILES = [
     "records.csv",
     "latency.png",
     "throughput.png",
+    "cdf.png",
+    "breakdown.png",
+    "timeseries.png",
     "report.html",
 ]
 
@@ -92,6 +98,10 @@ def test_sweep_closed_and_open_loop(real_server, tmp_path: Path):
         assert float(row["wer"]) < WER_BOUND, row
         assert float(row["queue_p50_ms"]) >= 0 and float(row["infer_p50_ms"]) > 0, row
         assert float(row["batch_size_mean"]) >= 1, row
+        # The continuous engine's split: its own encoder pass and decode steps, measured.
+        assert float(row["encode_p50_ms"]) > 0 and float(row["decode_p50_ms"]) > 0, row
+        assert float(row["wait_p50_ms"]) >= 0 and float(row["held_p50_ms"]) >= 0, row
+        assert row["measured"] == "true" and int(row["samples"]) >= 1, row
 
     meta = json.loads((out / "summary.json").read_text())
     assert meta["target"] == real_server.address
@@ -112,9 +122,9 @@ def test_sweep_closed_and_open_loop(real_server, tmp_path: Path):
     assert len(measured) == sum(int(r["requests"]) for r in rows)
     assert all(r["transcript"] for r in measured)
 
-    for name in ("latency.png", "throughput.png"):
+    for name in RUN_FILES[3:-1]:
         assert (out / name).read_bytes().startswith(b"\x89PNG")
-    assert (out / "report.html").read_text().count("data:image/png;base64,") == 2
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 5
     assert "[1/3 closed c=1]" in result.stderr and "p99" in result.stderr  # progress
     assert "| closed | 4 |" in result.stdout  # the table at the end
 
@@ -134,8 +144,39 @@ def test_stream_mode_with_stability_windows(real_server, tmp_path: Path):
     assert int(row["requests"]) >= 2 and int(row["errors"]) == 0, row
     assert float(row["wer"]) < WER_BOUND, row
     assert row["windows"] == "3" and row["stable"] in ("true", "false")
+    assert row["stability"].endswith(")") and "after 3 windows (goodput ±" in row["stability"]
     assert float(row["duration_s"]) == 6.0  # the last three windows
     assert json.loads((out / "summary.json").read_text())["mode"] == "stream"
+
+
+@pytest.fixture
+def slow_fake_server() -> Iterator[str]:
+    """The real server with the fake model at 0.25 s per window, one window per batch: it
+    completes at most 4 windows per second, whatever it is offered."""
+    model = FakeModel()
+    model.delay_s = 0.25
+    server = EmbeddedServer(Settings(max_batch_size=1, max_wait_ms=0, max_queue_size=512), model)
+    yield server.start().address
+    server.stop()
+
+
+def test_overloaded_open_loop_reports_goodput_below_offered_and_saturated(
+    slow_fake_server: str, tmp_path: Path
+):
+    """Offered 8 requests/s to a server that completes at most 4: the level reports what came
+    back (goodput), flags itself saturated, and --limit beyond the split is said out loud."""
+    require_data()
+    out = tmp_path / "overload"
+    result = loadgen(
+        "run", "--target", slow_fake_server, "--dataset", str(LIBRISPEECH / "test-clean"),
+        "--limit", "16", "--rate", "8", "--duration", "3", "--warmup", "1", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "--limit 16 but" in result.stderr and "only 7 files" in result.stderr
+    (level,) = json.loads((out / "summary.json").read_text())["levels"]
+    assert level["offered_rps"] == 8.0 and level["sent_rps"] > 4.5
+    assert 0 < level["rps"] <= 4.5 and level["saturated"] is True, level
+    assert "saturated" in result.stderr and "SATURATED" in result.stdout
 
 
 class UnaryOnlySpeech(asr_pb2_grpc.SpeechServicer):

@@ -543,3 +543,37 @@ async def test_new_windows_wait_while_a_decoding_sequence_is_held_up_too_long(wo
     assert not engine._join_now(free=15, now=now)
     engine.runtime.active = []
     await engine.stop()
+
+
+async def test_the_timing_split_adds_up_and_charges_others_encoder_passes_as_held(worker) -> None:
+    """Two windows decode; six more join mid-decode, each join pass made 50 ms slower: the
+    first two are charged those passes as held-up time (not decode), every window's own pass
+    is its encode time, and queue + encode + decode + held is the time the caller waited."""
+    model = TinyWhisper()
+    feats = windows(8, seed=5)
+    engine = make(model, worker, max_active=8, max_encoder_batch=2)
+    steps = StepGate(engine, hold=True)
+    join = engine.runtime.join
+
+    def slow_join(*args: Any) -> Any:
+        time.sleep(0.05)  # the cost of an encoder pass, made big enough to measure
+        return join(*args)
+
+    engine.runtime.join = slow_join  # type: ignore[method-assign]
+    started = time.monotonic()
+    first = asyncio.ensure_future(engine.submit_many([task(f) for f in feats[:2]]))
+    assert await asyncio.to_thread(steps.entered.wait, 10)  # two sequences are decoding
+    later = [asyncio.ensure_future(engine.submit(task(f))) for f in feats[2:]]
+    await asyncio.sleep(0)
+    steps.gate.set()
+    early = await asyncio.wait_for(first, 30)
+    waited = time.monotonic() - started
+    rest = await asyncio.wait_for(asyncio.gather(*later), 30)
+    for r in [*early, *rest]:
+        assert r.encode_s is not None and r.encode_s >= 0.05  # its own join pass
+        parts = r.queue_s + r.encode_s + r.decode_s + r.held_s
+        assert parts == pytest.approx(r.queue_s + r.infer_s)
+        assert r.decode_s > 0 and r.held_s >= 0
+    assert all(r.held_s >= 0.05 for r in early)  # held up by at least one later join pass
+    assert max(r.queue_s + r.infer_s for r in early) == pytest.approx(waited, abs=0.25)
+    await engine.stop()

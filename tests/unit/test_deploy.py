@@ -377,7 +377,7 @@ def test_bind_mounts_exist_and_images_are_pinned(services: Services) -> None:
                 assert Path(source).exists(), f"{name} mounts missing {source}"
         image = service["image"]
         if "build" not in service:
-            assert re.search(r":v?\d+(\.\d+)+$", image), f"{name}: pin {image} to a version"
+            assert re.search(r":v?\d+(\.\d+)+(-[\w.]+)*$", image), f"{name}: pin {image}"
 
 
 # ----- .env.example ----------------------------------------------------------------------------
@@ -509,9 +509,43 @@ def test_prometheus_scrapes_every_server_on_its_metrics_port() -> None:
     assert discovery["port"] == int(compose["x-server-env"][f"{ENV_PREFIX}METRICS_PORT"])
 
 
+def test_prometheus_scrapes_the_dcgm_exporter_of_the_monitoring_profile() -> None:
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    [job] = [j for j in config["scrape_configs"] if j["job_name"] == "dcgm"]
+    [discovery] = job["dns_sd_configs"]
+    exporter = raw_compose()["services"]["dcgm-exporter"]
+    assert exporter["profiles"] == ["monitoring"]
+    assert discovery["names"] == aliases(exporter) and discovery["port"] == 9400
+    assert gpu_devices(exporter)[0]["capabilities"] == ["gpu"]
+
+
+def test_compose_load_test_takes_more_flags_from_loadgen_args() -> None:
+    """LOADGEN_ARGS reach `loadgen run` as separate arguments (warm-up, price, ...)."""
+    services = render(**RENDER_ENV, LOADGEN_ARGS="--warmup 10 --price-per-hour 4.1 --stability")
+    master = services["loadgen-master"]
+    assert master["environment"]["LOADGEN_ARGS"] == "--warmup 10 --price-per-hour 4.1 --stability"
+    # `config` keeps the `$$` escapes; Compose hands the container `$` (printf for python).
+    script = [part.replace("$$", "$") for part in master["entrypoint"]]
+    argv = subprocess.run(
+        [script[0], script[1], script[2].replace("exec python -m loadgen", "printf '%s\\n'"),
+         *script[3:], *master["command"]],
+        env={"LOADGEN_ARGS": master["environment"]["LOADGEN_ARGS"], "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    assert argv[0] == "run" and argv[-5:] == [
+        "--warmup", "10", "--price-per-hour", "4.1", "--stability"
+    ]  # fmt: skip
+    assert command_option(argv, "--target") == "server:50051"
+
+
 def exposed_metric_names() -> set[str]:
+    """Every series the server exposes, the continuous engine's collector included."""
+    from server.models.continuous import EngineStats
+
+    metrics = Metrics()
+    metrics.watch_engine(lambda: EngineStats(*[0] * len(EngineStats.__dataclass_fields__)))
     names = set()
-    for family in Metrics().registry.collect():
+    for family in metrics.registry.collect():
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
         names |= {family.name + s for s in suffixes.get(family.type, [""])}
     return names
@@ -539,8 +573,15 @@ def test_grafana_dashboard_shows_the_servers_real_metrics() -> None:
         "asr_inference_seconds_bucket",
         "asr_audio_seconds_total",
         "asr_batch_failures_total",
+        "asr_decode_active_sequences",  # the continuous engine
+        "asr_decode_steps_total",
+        "asr_decode_step_rows_total",
+        "asr_decode_tokens_total",
+        "asr_decode_seconds_total",
     ):
         assert wanted in used, f"no panel shows {wanted}"
+    dcgm = {name for expr in exprs for name in re.findall(r"\bDCGM_FI_DEV_\w+", expr)}
+    assert {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED"} <= dcgm  # GPU utilisation, memory
     assert {p["datasource"]["uid"] for p in panels} == {datasource["uid"]}
     home = raw_compose()["services"]["grafana"]["environment"][
         "GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"

@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 
 from loadgen.cli import main
-from loadgen.compare import compare_runs, cost_per_1000h, load_run, slo_capacity, write_compare
+from loadgen.compare import (
+    NotComparable,
+    comparability,
+    compare_runs,
+    cost_per_1000h,
+    load_run,
+    peak,
+    slo_capacity,
+    write_compare,
+)
 from loadgen.config import LevelPlan
 from loadgen.report import write_run
 from loadgen.stats import OK, LevelResult, Record, summarize
@@ -95,6 +104,48 @@ def test_slo_capacity_skips_levels_with_errors_and_none_meet():
     levels = [level(1, 10, 100), level(2, 20, 150, errors=1), level(4, 30, 2000)]
     assert slo_capacity(levels, 500)["concurrency"] == 1
     assert slo_capacity(levels, 50) is None
+
+
+def test_slo_capacity_stops_at_the_first_failing_level():
+    """c=2 fails the SLO; c=4 passes again (noise) with a better RTFx: capacity is still c=1,
+    with c=1's throughput (the bug: c=4 and its RTFx)."""
+    levels = [level(4, 90, 800), level(1, 20, 300), level(2, 40, 1200)]  # any order
+    capacity = slo_capacity(levels, 1000)
+    assert (capacity["concurrency"], capacity["audio_s_per_s"]) == (1, 20)
+    # Of the levels before the first failure, the best throughput achieved (c=4 fell back).
+    dip = [level(1, 20, 300), level(2, 40, 500), level(4, 35, 700), level(8, 90, 1500)]
+    assert slo_capacity(dip, 1000)["concurrency"] == 2
+    not_measured = {**level(2, 0, 0), "measured": False, "p99_ms": None}
+    assert (
+        slo_capacity([level(1, 20, 300), not_measured, level(4, 90, 800)], 1000)["concurrency"] == 1
+    )
+
+
+def test_saturated_and_unmeasured_levels_are_never_the_peak():
+    saturated = {**level(8, 300, 900, mode="open"), "saturated": True}
+    unmeasured = {**level(4, 0, 0, mode="open"), "measured": False, "audio_s_per_s": None}
+    top = peak([level(1, 50, 400, mode="open"), saturated, unmeasured])
+    assert top is not None and top["rate"] == 1.0
+    assert slo_capacity([level(1, 50, 400, mode="open"), saturated], 1000)["rate"] == 1.0
+
+
+def test_compare_refuses_runs_that_differ_and_force_warns(runs: list[Path], tmp_path: Path, caplog):
+    a, b = (json.loads((p / "summary.json").read_text()) for p in runs)
+    a["server_info"]["dtype"], b["server_info"]["dtype"] = "float32", "bfloat16"
+    a["dataset"], b["dataset"] = {"fingerprint": "f00"}, {"fingerprint": "ba4"}
+    a["settings"], b["settings"] = {"duration_s": 30.0}, {"duration_s": 6.0}
+    for path, data in zip(runs, (a, b), strict=True):
+        (path / "summary.json").write_text(json.dumps(data))
+    loaded = [load_run(p) for p in runs]
+    assert len(comparability(loaded)) == 3
+    with pytest.raises(NotComparable, match=r"dtype differs: g5\.xlarge=float32"):
+        write_compare(tmp_path / "no", loaded, 1000)
+    assert main(["compare", *map(str, runs), "--out", str(tmp_path / "cli")]) == 2
+    assert "pass --force to compare anyway" in caplog.text
+    assert not (tmp_path / "no").exists()
+    _, text = write_compare(tmp_path / "yes", loaded, 1000, force=True)
+    assert text.startswith("WARNING: compared with --force") and "--duration differs" in text
+    assert "data set (fingerprint) differs" in (tmp_path / "yes" / "report.html").read_text()
     assert cost_per_1000h(None, 50.0) is None
     assert cost_per_1000h(2.0, 0.0) is None
 
@@ -122,7 +173,7 @@ def test_compare_cli_prints_the_table(runs: list[Path], tmp_path: Path, capsys):
     argv = ["compare", *map(str, runs), "--out", str(tmp_path / "c"), "--slo-p99-ms", "500"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "| g5.xlarge | closed |" in out
+    assert "| g5.xlarge | generate |" in out
     # At 500 ms: the A10G holds c=1 (20x real time, $50.30/1000 h), the H100 c=4 (100x, $40).
     assert "Cheapest meeting p99 <= 500 ms (closed loop): NVIDIA H100 80GB HBM3, $40.00" in out
     assert main(["compare", str(tmp_path / "nope"), "--out", str(tmp_path / "c2")]) == 2
@@ -167,7 +218,7 @@ def test_run_report_files(tmp_path: Path):
     assert summary["label"] == "unit" and len(summary["levels"]) == 2
     assert paths["latency.png"].read_bytes().startswith(b"\x89PNG")
     html = (tmp_path / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2 and "<table>" in html
+    assert html.count("data:image/png;base64,") == 5 and "<table>" in html
 
 
 def test_prices_given_to_compare_override_the_runs(runs: list[Path], tmp_path: Path, capsys):

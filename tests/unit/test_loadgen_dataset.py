@@ -59,7 +59,7 @@ def test_official_layout_built_in_tmp(tmp_path: Path):
     assert [i.reference for i in ds.items] == [text for _, _, text in src]
 
 
-def test_limit_is_a_seeded_sample():
+def test_limit_is_a_seeded_sample(caplog):
     require_data()
     spec = str(LIBRISPEECH / "test-other")
     a = [i.id for i in load_dataset(spec, limit=5, seed=1).items]
@@ -67,7 +67,10 @@ def test_limit_is_a_seeded_sample():
     c = [i.id for i in load_dataset(spec, limit=5, seed=2).items]
     assert a == b and len(a) == 5 and a == sorted(a)
     assert a != c
-    assert len(load_dataset(str(LIBRISPEECH / "test-clean"), limit=100).items) == 7
+    assert not caplog.records
+    assert len(load_dataset(str(LIBRISPEECH / "test-clean"), limit=16).items) == 7
+    # --limit 16 on a 7-file split is said out loud, not silently taken as 7.
+    assert "--limit 16 but" in caplog.text and "holds only 7 files: using all 7" in caplog.text
 
 
 def test_plain_folder_with_optional_transcripts(tmp_path: Path):

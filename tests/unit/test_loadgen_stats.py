@@ -7,16 +7,19 @@ import math
 import numpy as np
 import pytest
 
+from loadgen.report import markdown_table
 from loadgen.stats import (
     DROPPED,
     OK,
     Record,
     Recorder,
     WindowStat,
+    completed_in,
     in_window,
     is_stable,
     percentile,
     percentiles,
+    stability_verdict,
     summarize,
 )
 
@@ -96,10 +99,74 @@ def test_summarize_word_error_rate_uses_whisper_normalizer():
     assert s.wer == pytest.approx(1 / 6)
 
 
-def test_summarize_empty_window():
-    s = summarize([], 5.0, level=0, mode="closed", concurrency=8)
-    assert (s.requests, s.errors, s.rps) == (0, 0, 0.0)
-    assert math.isnan(s.p99_ms)
+def test_a_level_without_measured_requests_is_marked_not_zero():
+    """c=16 with a short window: every request was sent in the warm-up, none in the window
+    (the bug: 0 requests, 0 req/s, a collapse on the plot)."""
+    s = summarize([], 5.0, level=0, mode="closed", concurrency=16)
+    assert (s.requests, s.errors, s.samples, s.measured) == (0, 0, 0, False)
+    assert math.isnan(s.rps) and math.isnan(s.audio_s_per_s) and math.isnan(s.p99_ms)
+    assert "NOT MEASURED" in markdown_table([s])
+    # Only failures in the window: not measured either, and the errors still count.
+    failed = summarize([rec(5, status="UNAVAILABLE")], 5.0, level=0, mode="closed", concurrency=1)
+    assert (failed.measured, failed.errors) == (False, 1) and math.isnan(failed.rps)
+
+
+def test_overloaded_open_loop_reports_goodput_below_offered_and_is_saturated():
+    """Offered 2/s for 6 s (12 sent), but the server finished them over 29.7 s: only the two
+    that came back inside the window count (the bug: 12/6 = 2 req/s, the run's best RTFx)."""
+    t0 = 1000.0
+    # Sent every 0.5 s; the server returns one every 2.8 s, the first after 2.5 s.
+    window = [rec(2500 + 2300 * i, sent_ts=t0 + 0.5 * i) for i in range(12)]
+    completions = completed_in(window, t0, t0 + 6.0)
+    assert 0 < len(completions) < 12
+    s = summarize(window, 6.0, level=0, mode="open", rate=2.0, completions=completions)
+    assert s.requests == 12 and s.sent_rps == pytest.approx(2.0)
+    assert s.rps == pytest.approx(len(completions) / 6.0) and s.rps < 0.5 * s.offered_rps
+    assert s.audio_s_per_s == pytest.approx(10.0 * len(completions) / 6.0)
+    assert s.saturated is True
+    # A server that keeps up, with Poisson noise in what came back: not saturated.
+    kept_up = summarize(window, 6.0, level=0, mode="open", rate=2.0, completions=window[:10])
+    assert kept_up.saturated is False
+    closed = summarize(window, 6.0, level=0, mode="closed", concurrency=4)
+    assert closed.saturated is None and closed.offered_rps is None
+
+
+def test_sample_counts_bootstrap_intervals_and_low_sample_p99():
+    rng = np.random.default_rng(1)
+    few = [rec(float(v)) for v in rng.normal(500, 50, 40)]
+    s = summarize(few, 10.0, level=0, mode="closed", concurrency=1, seed=3)
+    assert s.samples == 40 and s.p99_low_samples
+    lo, hi = s.p50_ci_ms
+    assert lo < s.p50_ms < hi and hi - lo < 100
+    assert s.p99_ci_ms[0] <= s.p99_ms <= s.p99_ci_ms[1]
+    assert s.rps_ci[0] < s.rps == 4.0 < s.rps_ci[1]
+    assert "*" in markdown_table([s]).splitlines()[2]  # the p99 cell is marked
+    many = summarize([rec(float(v)) for v in rng.normal(500, 50, 400)], 10.0, level=0,
+                     mode="closed", concurrency=1)  # fmt: skip
+    assert not many.p99_low_samples
+    assert many.p50_ci_ms[1] - many.p50_ci_ms[0] < hi - lo  # more samples, tighter
+    assert summarize(few, 10.0, level=0, mode="closed", seed=3).p50_ci_ms == s.p50_ci_ms
+
+
+def test_timing_split_means_add_up_to_the_mean_latency():
+    records = [
+        rec(100, server_ms=90, prepare_ms=5, wait_ms=10, encode_ms=20, decode_ms=40, held_ms=15),
+        rec(200, server_ms=180, prepare_ms=5, wait_ms=60, encode_ms=20, decode_ms=40, held_ms=55),
+        rec(50, server_ms=45, prepare_ms=5, wait_ms=0, decode_ms=40, held_ms=0),  # no encode
+    ]
+    s = summarize(records, 1.0, level=0, mode="closed", concurrency=2)
+    assert sum(s.split_mean_ms.values()) == pytest.approx(s.mean_ms)
+    assert s.split_mean_ms["network"] == pytest.approx(35 / 3)
+    assert s.split_p50_ms["wait"] == 10 and s.split_p50_ms["encode"] == 20
+    assert s.to_row()["held_p50_ms"] == 15
+
+
+def test_stability_verdict_in_words():
+    steady = [WindowStat(10.0, 500.0), WindowStat(10.5, 520.0), WindowStat(9.8, 490.0)]
+    assert stability_verdict(steady, True).startswith("stable after 3 windows (goodput ±")
+    drifting = [*steady, WindowStat(14.0, 900.0)]
+    verdict = stability_verdict(drifting, False)
+    assert verdict.startswith("NOT stable after 4 windows") and "p99 ±" in verdict
 
 
 def test_stability_rule_three_windows_within_tolerance():

@@ -55,6 +55,20 @@ def test_recognize_returns_text_and_timing(served):
     )
 
 
+def test_timing_split_adds_up_to_the_total(served, fake):
+    """prepare + wait + decode + held up is the server's total, less building the response;
+    the generate engine has no separate encoder time, so encode_time is unset."""
+    fake.delay_s = 0.05  # model time per batch, so decode is more than noise
+    t = served.stub().Recognize(wav_request(3.0), timeout=30).timing
+    ms = {f: getattr(t, f).ToNanoseconds() / 1e6 for f in ("prepare_time", "wait_time",
+          "decode_time", "held_up_time", "total_time", "inference_time")}  # fmt: skip
+    assert not t.HasField("encode_time") and t.HasField("decode_time")
+    assert ms["decode_time"] >= 50 and ms["decode_time"] == ms["inference_time"]
+    assert ms["held_up_time"] == 0 and ms["prepare_time"] > 0
+    parts = ms["prepare_time"] + ms["wait_time"] + ms["decode_time"] + ms["held_up_time"]
+    assert parts <= ms["total_time"] <= parts + 20
+
+
 def test_long_audio_is_split_into_windows_that_share_one_batch(served, fake):
     response = served.stub().Recognize(wav_request(70.0), timeout=60)
     assert response.timing.windows == 3
@@ -208,6 +222,9 @@ def test_requests_are_counted_by_status(served):
     )
     assert ok == 1 and bad == 1
     assert registry.get_sample_value("asr_audio_seconds_total") == pytest.approx(1.0)
+    # A fast rejection is an error, not a quick request: latency counts successes only.
+    timed = {"method": "Recognize"}
+    assert registry.get_sample_value("asr_request_seconds_count", timed) == 1
 
 
 def test_many_parallel_clients_get_their_own_results():
