@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 PORT ?= 50051
 MODEL ?= tiny.en
 
-.PHONY: install model serve test lint typecheck pytest protos bench bench-engines freeze clean images loadtest
+.PHONY: install model serve test lint typecheck pytest protos bench bench-engines freeze clean images loadtest \
+	gpu-pack gpu-check
 
 # Idempotent: the stamp is newer than the files it was made from, so a second run is instant.
 $(STAMP): pyproject.toml constraints.txt
@@ -74,6 +75,15 @@ loadtest: model
 	trap 'kill $$server 2>/dev/null; wait $$server 2>/dev/null' EXIT; \
 	$(PY) -m loadgen run --target 127.0.0.1:$(LOADTEST_PORT) --dataset '$(DATASET)' \
 	  --wait-ready 600 --out $(LOADTEST_OUT) $(LOADTEST_ARGS)
+
+# Everything the first-GPU check needs in under 60 MB (int8 tiny.en, 40 LibriSpeech files,
+# Python 3.12 wheels) into .gpu-pack/; on the GPU machine: bash scripts/gpu_check.sh.
+gpu-pack: model
+	$(PY) scripts/gpu_pack.py pack --dataset $(BENCH_DATASET)
+
+# The check itself (on a machine without CUDA it writes a "skipped" JSON and exits 0).
+gpu-check: gpu-pack
+	PYTHON=$(PY) bash scripts/gpu_check.sh .gpu-pack gpu_check.json
 
 freeze: install
 	$(PY) -m pip freeze --all --exclude-editable | grep -v -E '^(pip|openai-whisper)==' > /tmp/whisper-grpc-freeze.txt

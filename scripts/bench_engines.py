@@ -106,6 +106,18 @@ def load_clips(dataset: Path, split: str, limit: int) -> list[Clip]:
     return clips
 
 
+def load_clips_from(folder: Path) -> list[Clip]:
+    """FLAC files of a folder with a transcripts.txt ("<id> <text>" lines), e.g. the GPU pack's."""
+    clips = []
+    for line in (folder / "transcripts.txt").read_text().splitlines():
+        uid, _, text = line.partition(" ")
+        path = folder / f"{uid}.flac"
+        samples, rate = sf.read(path, dtype="float32")
+        assert rate == 16_000 and samples.ndim == 1, path
+        clips.append(Clip(uid, path.read_bytes(), samples, text))
+    return clips
+
+
 # -- the configurations ---------------------------------------------------------------------
 class InProcess:
     """Plain transformers `generate` on batches of `batch`, feature extraction included; a

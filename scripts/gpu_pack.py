@@ -99,7 +99,7 @@ def unpack(pack: Path, out: Path) -> Path:
 def pack_audio(dataset: Path, out: Path, files: int) -> int:
     """The first `files` utterances of test-other (FLAC) and their transcripts."""
     out.mkdir(parents=True, exist_ok=True)
-    lines = []
+    lines: list[str] = []
     for trans in sorted((dataset / "test-other").rglob("*.trans.txt")):
         for line in trans.read_text().splitlines():
             uid = line.partition(" ")[0]
