@@ -9,7 +9,7 @@ PORT ?= 50051
 MODEL ?= tiny.en
 
 .PHONY: install model serve test lint typecheck pytest protos bench bench-engines freeze clean images loadtest \
-	gpu-pack gpu-check
+	gpu-pack gpu-check bench-precision
 
 # Idempotent: the stamp is newer than the files it was made from, so a second run is instant.
 $(STAMP): pyproject.toml constraints.txt
@@ -75,6 +75,10 @@ loadtest: model
 	trap 'kill $$server 2>/dev/null; wait $$server 2>/dev/null' EXIT; \
 	$(PY) -m loadgen run --target 127.0.0.1:$(LOADTEST_PORT) --dataset '$(DATASET)' \
 	  --wait-ready 600 --out $(LOADTEST_OUT) $(LOADTEST_ARGS)
+
+# float32 against bfloat16 on this machine's CPU, side by side (unary and real-time streams).
+bench-precision: model
+	$(PY) scripts/bench_precision.py --dataset $(BENCH_DATASET)
 
 # Everything the first-GPU check needs in under 60 MB (int8 tiny.en, 40 LibriSpeech files,
 # Python 3.12 wheels) into .gpu-pack/; on the GPU machine: bash scripts/gpu_check.sh.
