@@ -27,7 +27,7 @@ install: $(STAMP)
 
 # Convert the embedded default model once into ~/.cache/whisper-grpc (no network needed).
 model: install
-	$(PY) -m server.models.provision $(MODEL)
+	$(PY) -m server.checkpoints.provision $(MODEL)
 
 serve: model
 	$(PY) -m server --port $(PORT) --model $(MODEL)

@@ -23,9 +23,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
-from server.batcher import WindowBatcher
+from server.batching import build_batcher
+from server.batching.base import WindowBatcher
 from server.config import Settings
-from server.engines import build_batcher
 from server.interceptors import ErrorInterceptor
 from server.metrics import Metrics
 from server.models.base import SpeechModel
@@ -80,13 +80,9 @@ class ServerHandle:
         self.batcher = batcher
         batcher.start()
         self.metrics.queue_depth.set_function(lambda: batcher.depth)
-        if batcher.engine == "continuous":
-            from server.models.continuous import ContinuousEngine  # build_batcher imported it
-
-            assert isinstance(batcher, ContinuousEngine)
-            self.metrics.watch_engine(batcher.stats)
-            if s.warmup:  # its slot caches and step kernels, on top of the model's warm-up
-                await batcher.warmup([1, s.max_batch_size])
+        self.metrics.watch_engine(batcher.stats)
+        if s.warmup:  # the engine's own caches and kernels, on top of the model's warm-up
+            await batcher.warmup([1, s.max_batch_size])
         gate = SpeechGate(s.no_speech_threshold, s.silence_dbfs)
         self.servicer.recognizer = Recognizer(model, self.batcher, s.max_audio_s, gate)
         await self.set_health(SERVING)

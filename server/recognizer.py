@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from server.audio import SAMPLE_RATE, AudioFormat, Window, decode, split_windows
-from server.batcher import Batched, WindowBatcher
+from server.batching.base import Batched, WindowBatcher
 from server.models.base import DecodeOptions, SpeechModel, WindowResult, WindowTask, Word
 
 

@@ -79,7 +79,7 @@ class SpeechModel(ABC):
     """A loaded speech model behind the batch interface."""
 
     info: ModelInfo
-    # Whether `server.models.continuous` can decode this model step by step (a transformers
+    # Whether `server.batching.continuous` can decode this model step by step (a transformers
     # Whisper); others are served by batched `run_batch` calls only.
     supports_continuous: bool = False
 

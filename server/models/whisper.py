@@ -32,6 +32,13 @@ from server.models.device import (
     device_name,
     resolve_device,
 )
+from server.models.whisper_tokens import (
+    confidence,
+    language_in,
+    languages_by_id,
+    no_speech_id,
+    no_speech_probs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +56,7 @@ class _Decoded:
 
 
 class WhisperModel(SpeechModel):
-    supports_continuous = True  # server.models.decoder_step drives its decoder directly
+    supports_continuous = True  # server.models.whisper_step drives its decoder directly
 
     def __init__(
         self,
@@ -70,12 +77,11 @@ class WhisperModel(SpeechModel):
         self.model: Any = model.to(self.device).eval()  # type: ignore[arg-type]
         self.tokenizer = self.processor.tokenizer
         gen = self.model.generation_config
-        lang_to_id: dict[str, int] = dict(getattr(gen, "lang_to_id", None) or {})
-        self._lang_by_id = {i: tok.strip("<|>") for tok, i in lang_to_id.items()}
-        multilingual = bool(getattr(gen, "is_multilingual", False)) and bool(lang_to_id)
+        self._lang_by_id = languages_by_id(gen)
+        multilingual = bool(getattr(gen, "is_multilingual", False)) and bool(self._lang_by_id)
         self._sot = int(gen.decoder_start_token_id)
         self._eos = int(gen.eos_token_id)
-        self._no_speech = self._token_id("<|nospeech|>") or self._token_id("<|nocaptions|>")
+        self._no_speech = no_speech_id(self.tokenizer)
         self.info = ModelInfo(
             model_id=model_id,
             multilingual=multilingual,
@@ -88,10 +94,6 @@ class WhisperModel(SpeechModel):
         log.info(
             "loaded %s on %s in %s (%s)", model_id, self.device, precision.name, precision.reason
         )
-
-    def _token_id(self, token: str) -> int | None:
-        token_id = self.tokenizer.convert_tokens_to_ids(token)
-        return None if token_id in (None, self.tokenizer.unk_token_id) else int(token_id)
 
     # -- the batch interface ------------------------------------------------------------
     def check_options(self, options: DecodeOptions) -> None:
@@ -168,7 +170,7 @@ class WhisperModel(SpeechModel):
             return [0.0] * batch
         sot = torch.full((batch, 1), self._sot, device=self.device, dtype=torch.long)
         logits = self.model(encoder_outputs=encoded, decoder_input_ids=sot).logits[:, 0]
-        return torch.softmax(logits.float(), dim=-1)[:, self._no_speech].tolist()
+        return no_speech_probs(logits, self._no_speech)
 
     def _generate_kwargs(self, options: DecodeOptions) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
@@ -205,7 +207,8 @@ class WhisperModel(SpeechModel):
         out = self.model.generate(encoder_outputs=encoded, **kwargs)
         sequences = out["sequences"].cpu()
         n_new = len(out["scores"])
-        new_tokens = sequences[:, sequences.shape[1] - n_new :]
+        prompt_len = sequences.shape[1] - n_new
+        new_tokens = sequences[:, prompt_len:]
         logprobs = self._token_logprobs(out, new_tokens)
         times = out.get("token_timestamps") if options.word_timestamps else None
         if times is not None:
@@ -222,7 +225,7 @@ class WhisperModel(SpeechModel):
                     tokens[:end],
                     logprobs[row][:end],
                     row_times,
-                    self._language_in(sequences[row, : sequences.shape[1] - n_new].tolist()),
+                    language_in(sequences[row, :prompt_len].tolist(), self._lang_by_id),
                 )
             )
         return decoded
@@ -236,20 +239,12 @@ class WhisperModel(SpeechModel):
         picked = logp.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
         return picked.tolist()
 
-    def _language_in(self, prompt_tokens: list[int]) -> str | None:
-        for token in prompt_tokens:
-            if token in self._lang_by_id:
-                return self._lang_by_id[token]
-        return None
-
     def _result(self, d: _Decoded, no_speech_prob: float, duration_s: float) -> WindowResult:
         text = self.tokenizer.decode(d.tokens, skip_special_tokens=True).strip()
-        finite = [lp for lp in d.logprobs if np.isfinite(lp)]
-        confidence = float(np.exp(np.mean(finite))) if finite else 0.0
         words = self._words(d, duration_s) if d.times is not None else ()
         language = d.language or ("en" if not self.info.multilingual else "")
         return WindowResult(
-            text, language, confidence, float(no_speech_prob), words, tuple(d.tokens)
+            text, language, confidence(d.logprobs), float(no_speech_prob), words, tuple(d.tokens)
         )
 
     def _words(self, d: _Decoded, duration_s: float) -> tuple[Word, ...]:

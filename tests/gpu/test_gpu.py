@@ -17,8 +17,8 @@ import pytest
 import soundfile as sf
 import torch
 
+from server.batching.continuous import ContinuousEngine, EngineConfig
 from server.models.base import DecodeOptions, WindowTask
-from server.models.continuous import ContinuousEngine, EngineConfig
 
 # WHISPER_GRPC_TEST_DEVICE=cpu runs these on the CPU: a slow dry run of the tests themselves.
 DEVICE = os.environ.get("WHISPER_GRPC_TEST_DEVICE", "cuda")
@@ -53,7 +53,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     given = os.environ.get("WHISPER_GRPC_TEST_CHECKPOINT")
     if given:
         return given
-    from server.models.provision import resolve_model
+    from server.checkpoints.provision import resolve_model
 
     return str(resolve_model("tiny.en", tmp_path_factory.mktemp("cache")).name_or_path)
 

@@ -43,7 +43,7 @@ def real_server(real_settings: Settings, real_model):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(real_settings: Settings) -> Path:
-    from server.models.provision import resolve_model
+    from server.checkpoints.provision import resolve_model
 
     resolved = resolve_model("tiny.en", real_settings.cache_dir)
     assert resolved.local_path is not None

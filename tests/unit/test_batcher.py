@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from server.batcher import BatcherConfig, BatchStats, MicroBatcher
+from server.batching.base import BatchStats
+from server.batching.micro import BatcherConfig, MicroBatcher
 from server.errors import BatchError, DeadlineExceededError, QueueFullError, UnavailableError
 
 

@@ -71,8 +71,8 @@ def test_engine_flag_and_variable():
 def test_a_model_without_a_continuous_runtime_gets_the_micro_batcher():
     from concurrent.futures import ThreadPoolExecutor
 
-    from server.batcher import MicroBatcher
-    from server.engines import build_batcher
+    from server.batching import build_batcher
+    from server.batching.micro import MicroBatcher
     from server.models.fake import FakeModel
 
     with ThreadPoolExecutor(1) as worker:

@@ -20,16 +20,21 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.models import ct2_convert, provision
-from server.models.ct2_convert import (
+from server.checkpoints.ct2_convert import (
     CONVERSION_MARKER,
     ConversionError,
     build_state_dict,
     convert_ct2_to_transformers,
     infer_dims,
 )
-from server.models.ct2_reader import CT2FormatError, bfloat16_to_float32, parse_ct2, read_ct2_model
-from server.models.provision import ModelProvisionError, concatenate_files, resolve_model
+from server.checkpoints.ct2_reader import (
+    CT2FormatError,
+    bfloat16_to_float32,
+    parse_ct2,
+    read_ct2_model,
+)
+from server.checkpoints.provision import ModelProvisionError, concatenate_files, resolve_model
+from server.checkpoints import ct2_convert, provision
 
 # --------------------------------------------------------------------------- writer
 
@@ -461,7 +466,7 @@ def test_cache_lock_is_exclusive(tmp_path: Path) -> None:
 
 def test_concurrent_cli_runs_convert_once(tmp_path: Path) -> None:
     ct2_dir, cache = write_ct2_dir(tmp_path / "ct2"), tmp_path / "cache"
-    command = [sys.executable, "-m", "server.models.provision", str(ct2_dir), "--cache-dir"]
+    command = [sys.executable, "-m", "server.checkpoints.provision", str(ct2_dir), "--cache-dir"]
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}
     runs = [

@@ -540,7 +540,7 @@ def test_compose_load_test_takes_more_flags_from_loadgen_args() -> None:
 
 def exposed_metric_names() -> set[str]:
     """Every series the server exposes, the continuous engine's collector included."""
-    from server.models.continuous import EngineStats
+    from server.batching.continuous import EngineStats
 
     metrics = Metrics()
     metrics.watch_engine(lambda: EngineStats(*[0] * len(EngineStats.__dataclass_fields__)))

@@ -15,7 +15,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.batcher import BatcherConfig, BatchStats, MicroBatcher, run_in_pieces
+from server.batching.base import BatchStats, run_in_pieces
+from server.batching.continuous import ContinuousEngine, EngineConfig
+from server.batching.micro import BatcherConfig, MicroBatcher
 from server.errors import (
     BatchError,
     DeviceFaultError,
@@ -25,7 +27,6 @@ from server.errors import (
 )
 from server.metrics import Metrics
 from server.models.base import DecodeOptions
-from server.models.continuous import ContinuousEngine, EngineConfig
 from server.models.device import device_errors, is_device_fault
 from tests.unit.test_continuous import TinyWhisper, assert_same, reference, task, windows
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from server.batcher import BatcherConfig, MicroBatcher
+from server.batching.continuous import ContinuousEngine, EngineConfig
+from server.batching.micro import BatcherConfig, MicroBatcher
 from server.models.base import DecodeOptions, WindowTask
-from server.models.continuous import ContinuousEngine, EngineConfig
 from server.models.whisper import WhisperModel
 from tests.device_guard import DeviceGuard, GuardedExecutor, PlacementError
 from tests.random_whisper import make_random_checkpoint

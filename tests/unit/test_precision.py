@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from server.batcher import BatcherConfig, MicroBatcher
+from server.batching.continuous import ContinuousEngine, EngineConfig
+from server.batching.micro import BatcherConfig, MicroBatcher
 from server.models.base import DecodeOptions, WindowResult, WindowTask
-from server.models.continuous import ContinuousEngine, EngineConfig
 from server.models.device import _cpuinfo_bf16_flag, choose_dtype
 from tests.device_guard import GuardedExecutor
 from tests.unit.test_continuous import EOS, NO_SPEECH, SOT, TinyWhisper, task, windows

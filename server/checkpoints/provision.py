@@ -13,7 +13,7 @@ Built-in names win over same-named directories in the working directory; write
 ``./base`` to mean the directory. Conversions are serialized with ``fcntl.flock`` so
 several processes (e.g. server workers) starting at once convert only once.
 
-Run ``python -m server.models.provision [SPEC] [--cache-dir DIR]`` to pre-convert a
+Run ``python -m server.checkpoints.provision [SPEC] [--cache-dir DIR]`` to pre-convert a
 model (e.g. during a Docker build); it prints the path to load.
 """
 
@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.models.ct2_convert import (
+from server.checkpoints.ct2_convert import (
     SUPPORTED_DTYPES,
     ConversionError,
     convert_ct2_to_transformers,
@@ -289,7 +289,7 @@ def resolve_model(spec: str, cache_dir: Path, dtype: str = DEFAULT_DTYPE) -> Res
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m server.models.provision",
+        prog="python -m server.checkpoints.provision",
         description="Provision a Whisper model (converting built-in CTranslate2 weights "
         "offline) and print the path or hub id to load.",
     )
