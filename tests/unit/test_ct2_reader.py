@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from server.checkpoints import ct2_convert, provision
 from server.checkpoints.ct2_convert import (
     CONVERSION_MARKER,
     ConversionError,
@@ -34,7 +35,6 @@ from server.checkpoints.ct2_reader import (
     read_ct2_model,
 )
 from server.checkpoints.provision import ModelProvisionError, concatenate_files, resolve_model
-from server.checkpoints import ct2_convert, provision
 
 # --------------------------------------------------------------------------- writer
 
