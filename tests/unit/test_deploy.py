@@ -279,11 +279,20 @@ def test_cpu_profile_runs_without_a_gpu(services: Services) -> None:
 
 
 def test_card_order_follows_speed() -> None:
-    # A faster card takes bigger batches and waits less for them to fill.
+    # A faster card takes bigger batches and waits less for them to fill: read from the files
+    # compose and Kustomize use, not from this module's table.
     order = ("t4", "l4", "a10g", "a100", "h100")
-    batches = [TUNED[card][1] for card in order]
-    waits = [TUNED[card][2] for card in order]
+    envs = [card_env(card) for card in order]
+    batches = [int(env["WHISPER_GRPC_MAX_BATCH_SIZE"]) for env in envs]
+    waits = [float(env["WHISPER_GRPC_MAX_WAIT_MS"]) for env in envs]
     assert batches == sorted(batches) and waits == sorted(waits, reverse=True)
+    assert len(set(batches)) == len(batches)  # each card a step up
+
+
+def card_env(card: str) -> dict[str, str]:
+    path = ROOT / "deploy" / "k8s" / "overlays" / card / "server.env"
+    lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    return dict(line.split("=", 1) for line in lines)
 
 
 @pytest.mark.parametrize("profile", list(REPLICAS))
