@@ -11,12 +11,23 @@ MODEL ?= tiny.en
 .PHONY: install model serve test lint typecheck pytest protos bench bench-engines freeze clean images loadtest \
 	gpu-pack gpu-check bench-precision
 
+TORCH_VERSION := 2.13.0
+# PyTorch's own index of CPU wheels: torch from the default package index is the CUDA build
+# with several GB of nvidia-* packages. Used when it answers; where it doesn't (an offline
+# mirror, a wheel cache), torch comes from whatever pip is configured with. For a GPU host:
+# make install TORCH_INDEX=https://download.pytorch.org/whl/cu126 (or TORCH_INDEX= to skip).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+
 # Idempotent: the stamp is newer than the files it was made from, so a second run is instant.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# The pinned CPU build first (it installs from the wheel cache); an unpinned torch
-	# would pull a multi-GB CUDA build.
-	$(PIP) torch==2.13.0
+	# torch first, from TORCH_INDEX if it is reachable (3 s to answer), else as pip finds it.
+	if [ -n "$(TORCH_INDEX)" ] && $(PY) -c 'import sys, urllib.request; \
+	    urllib.request.urlopen(sys.argv[1], timeout=3)' "$(TORCH_INDEX)" 2>/dev/null; then \
+	  $(PIP) --index-url "$(TORCH_INDEX)" torch==$(TORCH_VERSION); \
+	else \
+	  $(PIP) torch==$(TORCH_VERSION); \
+	fi
 	$(PIP) -e '.[dev,base,loadgen]'
 	# Only for its data file english.json (Whisper's English normalizer, used for WER):
 	# without --no-deps it would pull numba, tiktoken and a second torch.
