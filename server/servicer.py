@@ -207,9 +207,18 @@ def _version(package: str) -> str:
         return ""
 
 
-def _duration(seconds: float) -> Duration:
+def _audio_time(seconds: float) -> Duration:
+    """A position or length in the audio, to the millisecond: word times come from float32
+    sums ("1.059999943s"), and no client needs finer than a millisecond of audio."""
     d = Duration()
-    d.FromNanoseconds(round(seconds * 1e9))
+    d.FromMilliseconds(round(seconds * 1000))
+    return d
+
+
+def _duration(seconds: float) -> Duration:
+    """A measured server time, to the microsecond."""
+    d = Duration()
+    d.FromMicroseconds(round(seconds * 1e6))
     return d
 
 
@@ -219,7 +228,7 @@ def _timing(t: Timing) -> asr_pb2.ServerTiming:
         inference_time=_duration(t.infer_s),
         total_time=_duration(t.total_s),
         batch_size=t.batch_size,
-        audio_duration=_duration(t.audio_s),
+        audio_duration=_audio_time(t.audio_s),
         windows=t.windows,
         prepare_time=_duration(t.prepare_s),
         wait_time=_duration(t.wait_s),
@@ -232,8 +241,8 @@ def _timing(t: Timing) -> asr_pb2.ServerTiming:
 def _words(segment: Segment) -> list[asr_pb2.WordInfo]:
     return [
         asr_pb2.WordInfo(
-            start_time=_duration(w.start_s),
-            end_time=_duration(w.end_s),
+            start_time=_audio_time(w.start_s),
+            end_time=_audio_time(w.end_s),
             word=w.word,
             confidence=w.probability,
         )
@@ -247,8 +256,8 @@ def _result(segment: Segment) -> asr_pb2.SpeechRecognitionResult:
     )
     return asr_pb2.SpeechRecognitionResult(
         alternatives=[alternative],
-        result_start_time=_duration(segment.start_s),
-        result_end_time=_duration(segment.end_s),
+        result_start_time=_audio_time(segment.start_s),
+        result_end_time=_audio_time(segment.end_s),
         language_code=segment.language,
         no_speech_prob=segment.no_speech_prob,
     )
@@ -257,7 +266,7 @@ def _result(segment: Segment) -> asr_pb2.SpeechRecognitionResult:
 def _response(result: Recognition) -> asr_pb2.RecognizeResponse:
     return asr_pb2.RecognizeResponse(
         results=[_result(s) for s in result.segments],
-        total_billed_time=_duration(result.timing.audio_s),
+        total_billed_time=_audio_time(result.timing.audio_s),
         timing=_timing(result.timing),
     )
 
@@ -303,8 +312,8 @@ def _stream_response(event: StreamEvent) -> asr_pb2.StreamingRecognizeResponse:
                 alternatives=[_alternative(r.text, r.recognition)],
                 is_final=r.is_final,
                 stability=r.stability,
-                result_start_time=_duration(r.start_s),
-                result_end_time=_duration(r.end_s),
+                result_start_time=_audio_time(r.start_s),
+                result_end_time=_audio_time(r.end_s),
                 language_code=r.language,
             )
         )
