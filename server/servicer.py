@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from importlib import metadata
+from typing import Any
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -63,9 +64,20 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
         fmt, options = self._convert_config(request.config, recognizer)
         if request.audio.WhichOneof("audio_source") != "content":
             raise InvalidArgumentError("audio.content is required")
-        result = await recognizer.recognize(request.audio.content, fmt, options, _deadline(context))
+        return _response(await self.recognize(request.audio.content, fmt, options, context))
+
+    async def recognize(
+        self,
+        content: bytes,
+        fmt: AudioFormat,
+        options: DecodeOptions,
+        context: grpc.aio.ServicerContext,
+    ) -> Recognition:
+        """One unary recognition in plain types: what every API's Recognize comes down to
+        (asr.v1 here, the Google and Riva edges in `server.vendors`)."""
+        result = await self._ready().recognize(content, fmt, options, _deadline(context))
         self.metrics.audio_seconds.inc(result.timing.audio_s)
-        return _response(result)
+        return result
 
     async def StreamingRecognize(
         self,
@@ -81,6 +93,15 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
                 "the first message must carry streaming_config; audio_content comes after it"
             )
         cfg = self._stream_settings(first.streaming_config, recognizer)
+        async for event in self.stream(audio_chunks(request_iterator), cfg):
+            yield _stream_response(event)
+
+    async def stream(
+        self, chunks: AsyncIterator[bytes], cfg: StreamSettings
+    ) -> AsyncIterator[StreamEvent]:
+        """One stream in plain types: LINEAR16 chunks in, events out, under the shared stream
+        cap and metrics (asr.v1 here, the Google and Riva edges in `server.vendors`)."""
+        recognizer = self._ready()
         s = self.settings
         limits = StreamLimits(s.max_stream_s, s.stream_buffer_s, s.stream_idle_timeout_s)
         with self.streams.slot():
@@ -88,7 +109,7 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
             try:
                 bytes_per_s = 2 * cfg.channels * cfg.sample_rate_hz
                 events = run_stream(
-                    _audio_chunks(request_iterator, self.metrics, bytes_per_s),
+                    _counted(chunks, self.metrics, bytes_per_s),
                     cfg,
                     recognizer,
                     limits,
@@ -101,7 +122,7 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
                         self.metrics.stream_first_interim_seconds.observe(
                             time.monotonic() - started
                         )
-                    yield _stream_response(event)
+                    yield event
             finally:
                 self.metrics.active_streams.dec()
 
@@ -116,13 +137,32 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
         fmt, options = self._convert_config(config, recognizer)
         if streaming.endpoint_silence_ms < 0 or streaming.interim_interval_ms < 0:
             raise InvalidArgumentError("endpoint_silence_ms and interim_interval_ms must be >= 0")
-        endpoint_ms = streaming.endpoint_silence_ms or self.settings.endpoint_silence_ms
-        interim_ms = streaming.interim_interval_ms or self.settings.interim_interval_ms
+        return self.stream_settings(
+            fmt,
+            options,
+            streaming.interim_results,
+            streaming.single_utterance,
+            streaming.endpoint_silence_ms,
+            streaming.interim_interval_ms,
+        )
+
+    def stream_settings(
+        self,
+        fmt: AudioFormat,
+        options: DecodeOptions,
+        interim_results: bool,
+        single_utterance: bool,
+        endpoint_silence_ms: int = 0,
+        interim_interval_ms: int = 0,
+    ) -> StreamSettings:
+        """A stream's settings; 0 ms means the server's default."""
+        endpoint_ms = endpoint_silence_ms or self.settings.endpoint_silence_ms
+        interim_ms = interim_interval_ms or self.settings.interim_interval_ms
         return StreamSettings(
             sample_rate_hz=fmt.sample_rate_hz,
             channels=fmt.channels or 1,
-            interim_results=streaming.interim_results,
-            single_utterance=streaming.single_utterance,
+            interim_results=interim_results,
+            single_utterance=single_utterance,
             endpoint_silence_s=max(endpoint_ms, 100) / 1000,
             interim_interval_s=max(interim_ms, 200) / 1000,
             options=options,
@@ -256,20 +296,25 @@ def _response(result: Recognition) -> asr_pb2.RecognizeResponse:
     )
 
 
-async def _audio_chunks(
-    request_iterator: AsyncIterator[asr_pb2.StreamingRecognizeRequest],
-    metrics: Metrics,
-    bytes_per_s: int,
-) -> AsyncIterator[bytes]:
-    """The audio of a stream after its first message; protocol errors end the stream."""
+async def audio_chunks(request_iterator: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+    """The audio of a stream after its first message; protocol errors end the stream. Any
+    API whose stream messages are a `streaming_request` oneof of `streaming_config` and
+    `audio_content` (asr.v1, Google, Riva)."""
     async for request in request_iterator:
         kind = request.WhichOneof("streaming_request")
         if kind == "streaming_config":
             raise InvalidArgumentError("streaming_config may only be sent once, first")
         if kind is None:
             raise InvalidArgumentError("a stream message carries neither config nor audio")
-        metrics.stream_audio_seconds.inc(len(request.audio_content) / bytes_per_s)
         yield request.audio_content
+
+
+async def _counted(
+    chunks: AsyncIterator[bytes], metrics: Metrics, bytes_per_s: int
+) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        metrics.stream_audio_seconds.inc(len(chunk) / bytes_per_s)
+        yield chunk
 
 
 def _alternative(
