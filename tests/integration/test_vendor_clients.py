@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from asr.v1 import asr_pb2
 from server.evaluation import word_error_rate
 from tests.conftest import librispeech_items, require_data
+from tests.integration.test_recognize_real import transcribe_all
 from tests.integration.test_streaming_real import finals_text, run
 
 DRIVER = Path(__file__).with_name("vendor_client.py")
@@ -56,14 +56,8 @@ def clean():
 
 @pytest.fixture(scope="module")
 def ours_unary(real_server, corpus) -> list[str]:
-    paths, _ = corpus
-    stub = real_server.stub()
-    texts = []
-    for path in paths:
-        audio = asr_pb2.RecognitionAudio(content=path.read_bytes())
-        response = stub.Recognize(asr_pb2.RecognizeRequest(audio=audio), timeout=300)
-        texts.append(" ".join(r.alternatives[0].transcript for r in response.results))
-    return texts
+    responses = transcribe_all(real_server, corpus[0], concurrency=4)
+    return [" ".join(r.alternatives[0].transcript for r in resp.results) for resp in responses]
 
 
 @pytest.fixture(scope="module")
