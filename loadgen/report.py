@@ -287,6 +287,7 @@ def run_page(meta: dict[str, Any], summaries: Sequence[LevelSummary], plots: Seq
         ("label", meta.get("label")),
         ("target", meta.get("target")),
         ("mode", meta.get("mode")),
+        ("api", meta.get("api", "asr")),
         ("model", info.get("model_id")),
         (
             "device",
