@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 50051
 MODEL ?= tiny.en
 
-.PHONY: install model serve test lint typecheck pytest protos bench bench-engines freeze clean images loadtest
+.PHONY: install model serve test lint typecheck buf pytest protos bench bench-engines freeze clean images loadtest
 
 # Idempotent: the stamp is newer than the files it was made from, so a second run is instant.
 $(STAMP): pyproject.toml constraints.txt
@@ -38,12 +38,16 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy server scripts $(wildcard loadgen)
 
+# buf lint + buf breaking against the released contract (buf/released/), offline.
+buf: install
+	$(PY) scripts/buf_check.py
+
 pytest: install
 	$(VENV)/bin/pytest -q
 
-test: lint typecheck pytest
+test: lint typecheck buf pytest
 
-# Regenerate the Python stubs in asr/v1/ from protos/ (tests check they match).
+# Regenerate the Python stubs in asr/v1/ and asr/vendors/ from protos/ (tests check they match).
 protos: install
 	$(PY) scripts/gen_protos.py
 
