@@ -192,6 +192,16 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
             languages=list(info.languages),
             engine=engine,
             max_active=s.max_active if engine == "continuous" else 0,
+            max_streams=s.max_streams,
+            max_beam_size=s.max_beam_size,
+            max_stream_s=s.max_stream_s,
+            stream_buffer_s=s.stream_buffer_s,
+            stream_idle_timeout_s=s.stream_idle_timeout_s,
+            endpoint_silence_ms=s.endpoint_silence_ms,
+            interim_interval_ms=s.interim_interval_ms,
+            no_speech_threshold=s.no_speech_threshold,
+            silence_dbfs=s.silence_dbfs,
+            max_new_tokens=s.max_new_tokens,
         )
 
     def _convert_config(
