@@ -36,7 +36,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 typecheck: install
-	$(VENV)/bin/mypy server scripts $(wildcard loadgen)
+	$(VENV)/bin/mypy server scripts asr/client.py $(wildcard loadgen)
 
 # buf lint + buf breaking against the released contract (buf/released/), offline.
 buf: install
