@@ -85,13 +85,9 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
         recognizer = self._ready()
-        first = await anext(aiter(request_iterator), None)
+        first = await first_message(request_iterator)
         if first is None:
             return  # the client closed without sending anything: nothing to recognize
-        if first.WhichOneof("streaming_request") != "streaming_config":
-            raise InvalidArgumentError(
-                "the first message must carry streaming_config; audio_content comes after it"
-            )
         cfg = self._stream_settings(first.streaming_config, recognizer)
         async for event in self.stream(audio_chunks(request_iterator), cfg):
             yield _stream_response(event)
@@ -306,10 +302,21 @@ def _response(result: Recognition) -> asr_pb2.RecognizeResponse:
     )
 
 
+async def first_message(request_iterator: AsyncIterator[Any]) -> Any | None:
+    """A stream's first message, which must carry the config; None if the client sent
+    nothing. Any API whose stream messages are a `streaming_request` oneof of
+    `streaming_config` and `audio_content` (asr.v1, Google, Riva)."""
+    first = await anext(aiter(request_iterator), None)
+    if first is not None and first.WhichOneof("streaming_request") != "streaming_config":
+        raise InvalidArgumentError(
+            "the first message must carry streaming_config; audio_content comes after it"
+        )
+    return first
+
+
 async def audio_chunks(request_iterator: AsyncIterator[Any]) -> AsyncIterator[bytes]:
-    """The audio of a stream after its first message; protocol errors end the stream. Any
-    API whose stream messages are a `streaming_request` oneof of `streaming_config` and
-    `audio_content` (asr.v1, Google, Riva)."""
+    """The audio of a stream after its first message; protocol errors end the stream. For
+    the same APIs as `first_message`."""
     async for request in request_iterator:
         kind = request.WhichOneof("streaming_request")
         if kind == "streaming_config":

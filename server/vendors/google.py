@@ -23,7 +23,7 @@ from server.audio import AudioFormat, Encoding
 from server.errors import InvalidArgumentError
 from server.models.base import DecodeOptions
 from server.recognizer import Recognition, Segment
-from server.servicer import SpeechServicer, _duration, audio_chunks
+from server.servicer import SpeechServicer, _duration, audio_chunks, first_message
 from server.streaming import StreamEvent
 from server.vendors.common import (
     check_model,
@@ -114,13 +114,9 @@ class GoogleSpeechServicer(google_speech_pb2_grpc.SpeechServicer):
         request_iterator: AsyncIterator[gs.StreamingRecognizeRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[gs.StreamingRecognizeResponse]:
-        first = await anext(aiter(request_iterator), None)
+        first = await first_message(request_iterator)
         if first is None:
             return
-        if first.WhichOneof("streaming_request") != "streaming_config":
-            raise InvalidArgumentError(
-                "the first message must carry streaming_config; audio_content comes after it"
-            )
         streaming = first.streaming_config
         if not streaming.HasField("config"):
             raise InvalidArgumentError("streaming_config.config is required (it is empty)")

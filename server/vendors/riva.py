@@ -19,7 +19,7 @@ from server.audio import AudioFormat, Encoding
 from server.errors import InvalidArgumentError
 from server.models.base import DecodeOptions
 from server.recognizer import Segment
-from server.servicer import SpeechServicer, audio_chunks
+from server.servicer import SpeechServicer, audio_chunks, first_message
 from server.streaming import StreamEvent
 from server.vendors.common import (
     check_model,
@@ -75,13 +75,9 @@ class RivaSpeechServicer(riva_asr_pb2_grpc.RivaSpeechRecognitionServicer):
         request_iterator: AsyncIterator[ra.StreamingRecognizeRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[ra.StreamingRecognizeResponse]:
-        first = await anext(aiter(request_iterator), None)
+        first = await first_message(request_iterator)
         if first is None:
             return
-        if first.WhichOneof("streaming_request") != "streaming_config":
-            raise InvalidArgumentError(
-                "the first message must carry streaming_config; audio_content comes after it"
-            )
         streaming = first.streaming_config
         if streaming.config.encoding not in _RAW:
             raise InvalidArgumentError(

@@ -269,3 +269,13 @@ def test_wav_header_is_stripped_however_it_is_chunked():
         chunks = [wav[i : i + size] for i in range(0, len(wav), size)]
         assert asyncio.run(_collect(chunks)) == pcm
     assert asyncio.run(_collect([pcm[:5], pcm[5:]])) == pcm  # no header: left as it is
+
+
+def test_riva_stream_must_start_with_its_config(served):
+    def requests():
+        yield riva_asr_pb2.StreamingRecognizeRequest(audio_content=b"\0\0" * 160)
+
+    with pytest.raises(grpc.RpcError) as info:
+        list(riva(served).StreamingRecognize(requests(), timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "first message must carry streaming_config" in info.value.details()
