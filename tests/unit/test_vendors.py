@@ -74,6 +74,25 @@ def test_google_recognize_telephony_audio(served, encoding, content):
     assert response.total_billed_time.ToMilliseconds() == 1000
 
 
+@pytest.mark.parametrize(
+    ("encoding", "fmt", "subtype"),
+    [
+        (GConfig.MP3, "MP3", "MPEG_LAYER_III"),
+        (GConfig.OGG_OPUS, "OGG", "OPUS"),
+        (GConfig.FLAC, "FLAC", "PCM_16"),
+        (GConfig.ENCODING_UNSPECIFIED, "WAV", "PCM_16"),
+    ],
+)
+def test_google_recognize_files(served, encoding, fmt, subtype):
+    content = wav_bytes(tone(440, 2.0, 48_000), 48_000, subtype=subtype, fmt=fmt)
+    config = GConfig(encoding=encoding, language_code="en-US")
+    response = google(served).Recognize(
+        gs.RecognizeRequest(config=config, audio=gs.RecognitionAudio(content=content)), timeout=10
+    )
+    # 2 s at 16 kHz, give or take the codec's padding.
+    assert abs(samples_seen(response.results[0].alternatives[0].transcript) - 32_000) < 2_000
+
+
 def test_google_long_running_recognize_returns_a_done_operation(served):
     request = gs.LongRunningRecognizeRequest(
         audio=gs.RecognitionAudio(content=wav_bytes(tone(440, 2.0, 16_000), 16_000))
@@ -163,8 +182,9 @@ def test_google_bad_stream_configs(served, config, message):
         # What riva.client sends for a WAV file: its bytes, header included, as LINEAR_PCM.
         (Riva.LINEAR_PCM, wav_bytes(tone(440, 1.0, 16_000), 16_000), 16_000),
         (Riva.FLAC, wav_bytes(tone(440, 1.0, 16_000), 16_000, fmt="FLAC"), 0),
+        (Riva.OGGOPUS, wav_bytes(tone(440, 1.0, 16_000), 16_000, "OPUS", "OGG"), 0),
     ],
-    ids=["alaw", "mulaw", "wav-as-linear-pcm", "flac"],
+    ids=["alaw", "mulaw", "wav-as-linear-pcm", "flac", "oggopus"],
 )
 def test_riva_recognize(served, encoding, content, rate):
     config = riva_asr_pb2.RecognitionConfig(
