@@ -26,7 +26,7 @@ def test_vendor_unary_requests_look_like_their_clients():
 
 @pytest.mark.parametrize("name", ["asr", "google", "riva"])
 def test_streams_send_the_config_then_100_ms_chunks(name):
-    pcm = bytes(2 * 8000)  # 0.5 s at 8 kHz
+    pcm = bytes(2 * 4000)  # 0.5 s of 16-bit samples at 8 kHz
     first, *rest = list(APIS[name].stream_requests(pcm, 8000))
     assert first.WhichOneof("streaming_request") == "streaming_config"
     assert first.streaming_config.config.sample_rate_hertz == 8000
