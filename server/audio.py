@@ -120,7 +120,9 @@ def _decode_linear16(
     content: bytes, fmt: AudioFormat, max_duration_s: float
 ) -> tuple[np.ndarray, int]:
     if fmt.sample_rate_hz <= 0:
-        raise InvalidAudioError("raw audio needs sample_rate_hertz (it has no header)")
+        raise InvalidAudioError(
+            f"{fmt.encoding.name} audio needs sample_rate_hertz (it has no header)"
+        )
     _check_rate(fmt.sample_rate_hz)
     channels = fmt.channels or 1
     if not 1 <= channels <= MAX_CHANNELS:
