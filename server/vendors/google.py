@@ -133,7 +133,10 @@ class GoogleSpeechServicer(google_speech_pb2_grpc.SpeechServicer):
                 yield response
 
     async def _recognize(
-        self, config: gs.RecognitionConfig, audio: gs.RecognitionAudio, context
+        self,
+        config: gs.RecognitionConfig,
+        audio: gs.RecognitionAudio,
+        context: grpc.aio.ServicerContext,
     ) -> tuple[Recognition, str]:
         if audio.WhichOneof("audio_source") == "uri":
             raise InvalidArgumentError(
