@@ -74,7 +74,7 @@ async def without_wav_header(chunks: AsyncIterator[bytes]) -> AsyncIterator[byte
         passing = True
         if head[offset:]:
             yield head[offset:]
-    if not passing and head:  # under 12 bytes in the whole stream: audio, not a header
+    if not passing and head and not is_wav(head):  # under 12 bytes in all: audio, no header
         yield head
 
 

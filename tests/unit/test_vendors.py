@@ -289,6 +289,8 @@ def test_wav_header_is_stripped_however_it_is_chunked():
         chunks = [wav[i : i + size] for i in range(0, len(wav), size)]
         assert asyncio.run(_collect(chunks)) == pcm
     assert asyncio.run(_collect([pcm[:5], pcm[5:]])) == pcm  # no header: left as it is
+    assert asyncio.run(_collect([pcm[:6]])) == pcm[:6]  # too short for a header: audio
+    assert asyncio.run(_collect([wav[:40]])) == b""  # a header cut short: no samples
 
 
 def test_riva_stream_must_start_with_its_config(served):
