@@ -10,6 +10,7 @@ import asyncio
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -25,6 +26,8 @@ GConfig = gs.RecognitionConfig
 Riva = riva_audio_pb2.AudioEncoding
 GOOGLE = "google.cloud.speech.v1.Speech"
 RIVA = "nvidia.riva.asr.RivaSpeechRecognition"
+V1 = "grpc.reflection.v1.ServerReflection"
+V1ALPHA = "grpc.reflection.v1alpha.ServerReflection"
 
 
 @pytest.fixture(scope="module")
@@ -252,11 +255,19 @@ def test_reflection_v1_and_v1alpha_list_and_describe_the_services(served, versio
         response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
     )
     listing = reflection_pb2.ServerReflectionRequest(list_services="")
-    describe = reflection_pb2.ServerReflectionRequest(file_containing_symbol=GOOGLE)
-    replies = list(call(iter([listing, describe]), timeout=5))
+    packages = {GOOGLE: "google.cloud.speech.v1", RIVA: "nvidia.riva.asr", V1: "grpc.reflection.v1"}
+    describe = [
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=name) for name in packages
+    ]
+    replies = list(call(iter([listing, *describe]), timeout=5))
     names = {s.name for s in replies[0].list_services_response.service}
-    assert {"asr.v1.Speech", GOOGLE, RIVA, "grpc.health.v1.Health"} <= names
-    assert replies[1].file_descriptor_response.file_descriptor_proto
+    assert {"asr.v1.Speech", GOOGLE, RIVA, "grpc.health.v1.Health", V1, V1ALPHA} <= names
+    for reply, package in zip(replies[1:], packages.values(), strict=True):
+        files = [
+            descriptor_pb2.FileDescriptorProto.FromString(f)
+            for f in reply.file_descriptor_response.file_descriptor_proto
+        ]
+        assert package in {f.package for f in files}
 
 
 def test_reflection_stub_v1alpha_still_works(served):
