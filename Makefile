@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 50051
 MODEL ?= tiny.en
 
-.PHONY: install model serve test lint typecheck pytest protos bench bench-engines freeze clean images loadtest \
+.PHONY: install model serve test lint typecheck buf pytest protos bench bench-engines freeze clean images loadtest \
 	gpu-pack gpu-check bench-precision
 
 TORCH_VERSION := 2.13.0
@@ -48,14 +48,18 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 typecheck: install
-	$(VENV)/bin/mypy server scripts $(wildcard loadgen)
+	$(VENV)/bin/mypy server scripts asr/client.py $(wildcard loadgen)
+
+# buf lint + buf breaking against the released contract (buf/released/), offline.
+buf: install
+	$(PY) scripts/buf_check.py
 
 pytest: install
 	$(VENV)/bin/pytest -q
 
-test: lint typecheck pytest
+test: lint typecheck buf pytest
 
-# Regenerate the Python stubs in asr/v1/ from protos/ (tests check they match).
+# Regenerate the Python stubs in asr/v1/ and asr/vendors/ from protos/ (tests check they match).
 protos: install
 	$(PY) scripts/gen_protos.py
 

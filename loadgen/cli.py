@@ -91,6 +91,13 @@ def _add_connection_flags(g: argparse._ArgumentGroup) -> None:
         default="unary",
         help="Recognize, or StreamingRecognize with the audio as LINEAR16 chunks [unary]",
     )
+    g.add_argument(
+        "--api",
+        choices=["asr", "google", "riva"],
+        default="asr",
+        help="send asr.v1, Google Cloud Speech v1 or Riva ASR requests (the same server "
+        "serves all three) [asr]",
+    )
     g.add_argument("--tls", action="store_true", help="connect with TLS")
     g.add_argument("--ca-cert", type=Path, help="PEM roots to trust (with --tls)")
     g.add_argument("--metadata", action="append", default=[], help="key=value, repeatable")
@@ -164,6 +171,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         timeout_s=args.timeout,
         channels=args.channels,
         mode=args.mode,
+        api=args.api,
     )
     return RunConfig(
         connection=connection,

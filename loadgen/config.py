@@ -16,6 +16,7 @@ from typing import Any
 from loadgen.errors import UsageError
 
 MODES = ("unary", "stream")
+APIS = ("asr", "google", "riva")  # loadgen.apis: whisper-grpc's own, Google's, Riva's
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "whisper-grpc" / "datasets"
 
 
@@ -42,6 +43,9 @@ class Connection:
     """gRPC channels (HTTP/2 connections) per load-generator process; users share them."""
     mode: str = "unary"
     """`unary` (Recognize) or `stream` (StreamingRecognize)."""
+    api: str = "asr"
+    """Which API's requests to send: `asr` (asr.v1), `google` (google.cloud.speech.v1) or
+    `riva` (nvidia.riva.asr)."""
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -196,6 +200,8 @@ def _check_connection(conn: Connection) -> None:
         raise ConfigError(f"--target must be HOST:PORT, not {conn.target!r}")
     if conn.mode not in MODES:
         raise ConfigError(f"--mode must be one of {MODES}, not {conn.mode!r}")
+    if conn.api not in APIS:
+        raise ConfigError(f"--api must be one of {APIS}, not {conn.api!r}")
     if not conn.timeout_s > 0:
         raise ConfigError(f"--timeout must be > 0, not {conn.timeout_s}")
     if conn.channels < 1:

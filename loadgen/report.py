@@ -536,7 +536,10 @@ def run_facts(meta: dict[str, Any]) -> list[tuple[str, Any]]:
             f" seed {settings.get('seed')}, limit {settings.get('limit') or 'all files'}"
         )
     return [
-        ("target", f"{meta.get('target', '')} ({meta.get('mode', '')})"),
+        (
+            "target",
+            f"{meta.get('target', '')} ({meta.get('mode', '')}, api {meta.get('api', 'asr')})",
+        ),
         ("GPU / device", f"{info.get('device_name', '')} ({info.get('device', '')})"),
         ("model, dtype", f"{info.get('model_id', '')}, {info.get('dtype', '')}"),
         ("batching", batching),

@@ -1,6 +1,7 @@
 """Server assembly and lifecycle.
 
-`build_server()` wires a gRPC server (Speech, health, reflection, the error interceptor) and
+`build_server()` wires a gRPC server (Speech, the Google and Riva drop-ins of `server.vendors`,
+health, reflection, the error interceptor) and
 returns a handle with the bound port, so tests can run a real server on port 0 in-process.
 `run()` is the production path: start listening with health NOT_SERVING, load and warm the
 model on the model worker thread, switch to SERVING, wait for SIGTERM/SIGINT, then drain:
@@ -20,9 +21,9 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
+from asr.vendors import google_speech_pb2_grpc, riva_asr_pb2_grpc
 from server.batching import build_batcher
 from server.batching.base import WindowBatcher
 from server.config import Settings
@@ -30,13 +31,17 @@ from server.interceptors import ErrorInterceptor
 from server.metrics import Metrics
 from server.models.base import SpeechModel
 from server.recognizer import Recognizer, SpeechGate
+from server.reflection import enable_reflection
 from server.servicer import SpeechServicer
+from server.vendors import google, riva
 
 log = logging.getLogger(__name__)
 
 SPEECH_SERVICE = asr_pb2.DESCRIPTOR.services_by_name["Speech"].full_name
 # Exit status after an unrecoverable error (EX_SOFTWARE): the orchestrator restarts the pod.
 EXIT_UNRECOVERABLE = 70
+# Every speech API served, over the same recognizer: ours and the drop-in vendor ones.
+SPEECH_SERVICES = (SPEECH_SERVICE, google.SERVICE, riva.SERVICE)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -70,7 +75,7 @@ class ServerHandle:
         self.failed.set()
 
     async def set_health(self, status: int) -> None:
-        for service in ("", SPEECH_SERVICE):
+        for service in ("", *SPEECH_SERVICES):
             await self.health.set(service, status)  # type: ignore[arg-type]
 
     async def serve_model(self, model: SpeechModel) -> None:
@@ -121,11 +126,15 @@ async def build_server(settings: Settings) -> ServerHandle:
     server = grpc.aio.server(interceptors=[ErrorInterceptor(metrics)], options=options)
     servicer = SpeechServicer(settings, metrics)
     asr_pb2_grpc.add_SpeechServicer_to_server(servicer, server)
+    google_speech_pb2_grpc.add_SpeechServicer_to_server(
+        google.GoogleSpeechServicer(servicer), server
+    )
+    riva_asr_pb2_grpc.add_RivaSpeechRecognitionServicer_to_server(
+        riva.RivaSpeechServicer(servicer), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SPEECH_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    enable_reflection((*SPEECH_SERVICES, health.SERVICE_NAME), server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")

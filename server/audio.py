@@ -32,6 +32,8 @@ class Encoding(Enum):
     FLAC = "flac"
     WAV = "wav"
     OGG = "ogg"
+    MULAW = "mulaw"  # raw G.711 mu-law, 8 bits a sample, no header (telephony)
+    ALAW = "alaw"  # raw G.711 A-law, 8 bits a sample, no header
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,9 @@ def decode(content: bytes, fmt: AudioFormat, max_duration_s: float) -> np.ndarra
         raise InvalidAudioError("audio is empty: RecognitionAudio.content has no bytes")
     if fmt.encoding is Encoding.LINEAR16:
         samples, rate = _decode_linear16(content, fmt, max_duration_s)
+    elif fmt.encoding in G711:
+        pcm16 = g711_to_linear16(content, fmt.encoding)
+        samples, rate = _decode_linear16(pcm16, fmt, max_duration_s)
     else:
         samples, rate = _decode_file(content, fmt, max_duration_s)
     mono = samples.mean(axis=1) if samples.ndim == 2 else samples
@@ -71,6 +76,30 @@ def decode(content: bytes, fmt: AudioFormat, max_duration_s: float) -> np.ndarra
         # 8 kHz down into the band Whisper listens to.
         mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
     return mono
+
+
+def _g711_tables() -> dict[Encoding, np.ndarray]:
+    """The 256-entry expansion tables of ITU-T G.711 (what libsndfile and sox use)."""
+    code = np.arange(256, dtype=np.int32)
+    u = ~code & 0xFF  # mu-law bytes are sent inverted
+    magnitude = (((u & 0x0F) << 3) + 0x84) << ((u >> 4) & 7)
+    mulaw = np.where(u & 0x80, 0x84 - magnitude, magnitude - 0x84)
+    a = code ^ 0x55  # A-law inverts every other bit
+    exponent, mantissa = (a >> 4) & 7, a & 0x0F
+    magnitude = np.where(
+        exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0)
+    )
+    alaw = np.where(a & 0x80, magnitude, -magnitude)
+    return {Encoding.MULAW: mulaw.astype("<i2"), Encoding.ALAW: alaw.astype("<i2")}
+
+
+G711 = _g711_tables()
+
+
+def g711_to_linear16(content: bytes, encoding: Encoding) -> bytes:
+    """Raw mu-law or A-law bytes -> LINEAR16 bytes (one 8-bit code is one sample, so any
+    chunk boundary is a sample boundary: streams convert chunk by chunk)."""
+    return G711[encoding][np.frombuffer(content, dtype=np.uint8)].tobytes()
 
 
 def _check_rate(rate: int) -> None:
@@ -91,7 +120,9 @@ def _decode_linear16(
     content: bytes, fmt: AudioFormat, max_duration_s: float
 ) -> tuple[np.ndarray, int]:
     if fmt.sample_rate_hz <= 0:
-        raise InvalidAudioError("LINEAR16 audio needs sample_rate_hertz (it has no header)")
+        raise InvalidAudioError(
+            f"{fmt.encoding.name} audio needs sample_rate_hertz (it has no header)"
+        )
     _check_rate(fmt.sample_rate_hz)
     channels = fmt.channels or 1
     if not 1 <= channels <= MAX_CHANNELS:

@@ -20,6 +20,18 @@ from server.metrics import Metrics
 log = logging.getLogger(__name__)
 
 SPEECH_PREFIX = "/asr.v1.Speech/"
+# The drop-in vendor APIs share the error table and the metrics; their method label keeps
+# the service ("google.cloud.speech.v1.Speech/Recognize"), asr.v1's stays the bare method.
+VENDOR_PREFIXES = ("/google.cloud.speech.v1.Speech/", "/nvidia.riva.asr.RivaSpeechRecognition/")
+
+
+def method_label(method_path: str) -> str | None:
+    """The metrics label of an RPC this interceptor wraps; None for the others (health...)."""
+    if method_path.startswith(SPEECH_PREFIX):
+        return method_path.removeprefix(SPEECH_PREFIX)
+    if method_path.startswith(VENDOR_PREFIXES):
+        return method_path.removeprefix("/")
+    return None
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -33,9 +45,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method_path: str = handler_call_details.method  # type: ignore[attr-defined]
-        if handler is None or not method_path.startswith(SPEECH_PREFIX):
+        method = method_label(method_path)
+        if handler is None or method is None:
             return handler
-        method = method_path.removeprefix(SPEECH_PREFIX)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(method, handler.unary_unary),

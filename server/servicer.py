@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from importlib import metadata
+from typing import Any
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -63,9 +64,20 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
         fmt, options = self._convert_config(request.config, recognizer)
         if request.audio.WhichOneof("audio_source") != "content":
             raise InvalidArgumentError("audio.content is required")
-        result = await recognizer.recognize(request.audio.content, fmt, options, _deadline(context))
+        return _response(await self.recognize(request.audio.content, fmt, options, context))
+
+    async def recognize(
+        self,
+        content: bytes,
+        fmt: AudioFormat,
+        options: DecodeOptions,
+        context: grpc.aio.ServicerContext,
+    ) -> Recognition:
+        """One unary recognition in plain types: what every API's Recognize comes down to
+        (asr.v1 here, the Google and Riva edges in `server.vendors`)."""
+        result = await self._ready().recognize(content, fmt, options, _deadline(context))
         self.metrics.audio_seconds.inc(result.timing.audio_s)
-        return _response(result)
+        return result
 
     async def StreamingRecognize(
         self,
@@ -73,14 +85,19 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
         recognizer = self._ready()
-        first = await anext(aiter(request_iterator), None)
+        first = await first_message(request_iterator)
         if first is None:
             return  # the client closed without sending anything: nothing to recognize
-        if first.WhichOneof("streaming_request") != "streaming_config":
-            raise InvalidArgumentError(
-                "the first message must carry streaming_config; audio_content comes after it"
-            )
         cfg = self._stream_settings(first.streaming_config, recognizer)
+        async for event in self.stream(audio_chunks(request_iterator), cfg):
+            yield _stream_response(event)
+
+    async def stream(
+        self, chunks: AsyncIterator[bytes], cfg: StreamSettings
+    ) -> AsyncIterator[StreamEvent]:
+        """One stream in plain types: LINEAR16 chunks in, events out, under the shared stream
+        cap and metrics (asr.v1 here, the Google and Riva edges in `server.vendors`)."""
+        recognizer = self._ready()
         s = self.settings
         limits = StreamLimits(s.max_stream_s, s.stream_buffer_s, s.stream_idle_timeout_s)
         with self.streams.slot():
@@ -88,7 +105,7 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
             try:
                 bytes_per_s = 2 * cfg.channels * cfg.sample_rate_hz
                 events = run_stream(
-                    _audio_chunks(request_iterator, self.metrics, bytes_per_s),
+                    _counted(chunks, self.metrics, bytes_per_s),
                     cfg,
                     recognizer,
                     limits,
@@ -101,7 +118,7 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
                         self.metrics.stream_first_interim_seconds.observe(
                             time.monotonic() - started
                         )
-                    yield _stream_response(event)
+                    yield event
             finally:
                 self.metrics.active_streams.dec()
 
@@ -116,13 +133,32 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
         fmt, options = self._convert_config(config, recognizer)
         if streaming.endpoint_silence_ms < 0 or streaming.interim_interval_ms < 0:
             raise InvalidArgumentError("endpoint_silence_ms and interim_interval_ms must be >= 0")
-        endpoint_ms = streaming.endpoint_silence_ms or self.settings.endpoint_silence_ms
-        interim_ms = streaming.interim_interval_ms or self.settings.interim_interval_ms
+        return self.stream_settings(
+            fmt,
+            options,
+            streaming.interim_results,
+            streaming.single_utterance,
+            streaming.endpoint_silence_ms,
+            streaming.interim_interval_ms,
+        )
+
+    def stream_settings(
+        self,
+        fmt: AudioFormat,
+        options: DecodeOptions,
+        interim_results: bool,
+        single_utterance: bool,
+        endpoint_silence_ms: int = 0,
+        interim_interval_ms: int = 0,
+    ) -> StreamSettings:
+        """A stream's settings; 0 ms means the server's default."""
+        endpoint_ms = endpoint_silence_ms or self.settings.endpoint_silence_ms
+        interim_ms = interim_interval_ms or self.settings.interim_interval_ms
         return StreamSettings(
             sample_rate_hz=fmt.sample_rate_hz,
             channels=fmt.channels or 1,
-            interim_results=streaming.interim_results,
-            single_utterance=streaming.single_utterance,
+            interim_results=interim_results,
+            single_utterance=single_utterance,
             endpoint_silence_s=max(endpoint_ms, 100) / 1000,
             interim_interval_s=max(interim_ms, 200) / 1000,
             options=options,
@@ -153,6 +189,16 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
             languages=list(info.languages),
             engine=engine,
             max_active=s.max_active if engine == "continuous" else 0,
+            max_streams=s.max_streams,
+            max_beam_size=s.max_beam_size,
+            max_stream_s=s.max_stream_s,
+            stream_buffer_s=s.stream_buffer_s,
+            stream_idle_timeout_s=s.stream_idle_timeout_s,
+            endpoint_silence_ms=s.endpoint_silence_ms,
+            interim_interval_ms=s.interim_interval_ms,
+            no_speech_threshold=s.no_speech_threshold,
+            silence_dbfs=s.silence_dbfs,
+            max_new_tokens=s.max_new_tokens,
         )
 
     def _convert_config(
@@ -271,20 +317,36 @@ def _response(result: Recognition) -> asr_pb2.RecognizeResponse:
     )
 
 
-async def _audio_chunks(
-    request_iterator: AsyncIterator[asr_pb2.StreamingRecognizeRequest],
-    metrics: Metrics,
-    bytes_per_s: int,
-) -> AsyncIterator[bytes]:
-    """The audio of a stream after its first message; protocol errors end the stream."""
+async def first_message(request_iterator: AsyncIterator[Any]) -> Any | None:
+    """A stream's first message, which must carry the config; None if the client sent
+    nothing. Any API whose stream messages are a `streaming_request` oneof of
+    `streaming_config` and `audio_content` (asr.v1, Google, Riva)."""
+    first = await anext(aiter(request_iterator), None)
+    if first is not None and first.WhichOneof("streaming_request") != "streaming_config":
+        raise InvalidArgumentError(
+            "the first message must carry streaming_config; audio_content comes after it"
+        )
+    return first
+
+
+async def audio_chunks(request_iterator: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+    """The audio of a stream after its first message; protocol errors end the stream. For
+    the same APIs as `first_message`."""
     async for request in request_iterator:
         kind = request.WhichOneof("streaming_request")
         if kind == "streaming_config":
             raise InvalidArgumentError("streaming_config may only be sent once, first")
         if kind is None:
             raise InvalidArgumentError("a stream message carries neither config nor audio")
-        metrics.stream_audio_seconds.inc(len(request.audio_content) / bytes_per_s)
         yield request.audio_content
+
+
+async def _counted(
+    chunks: AsyncIterator[bytes], metrics: Metrics, bytes_per_s: int
+) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        metrics.stream_audio_seconds.inc(len(chunk) / bytes_per_s)
+        yield chunk
 
 
 def _alternative(

@@ -179,6 +179,31 @@ def test_overloaded_open_loop_reports_goodput_below_offered_and_saturated(
     assert "saturated" in result.stderr and "SATURATED" in result.stdout
 
 
+@pytest.mark.parametrize(
+    ("api", "mode", "method"),
+    [
+        ("google", "unary", "google.cloud.speech.v1.Speech/Recognize"),
+        ("riva", "stream", "nvidia.riva.asr.RivaSpeechRecognition/StreamingRecognize"),
+    ],
+)
+def test_vendor_apis(real_server, tmp_path: Path, api: str, mode: str, method: str):
+    """--api google|riva sends those vendors' requests to the same server."""
+    require_data()
+    out = tmp_path / api
+    result = loadgen(
+        "run", "--target", real_server.address, "--api", api, "--mode", mode,
+        "--dataset", str(LIBRISPEECH / "test-clean"), "--limit", "3",
+        "--concurrency", "2", "--warmup", "0", "--duration", "2", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    (row,) = read_csv(out / "summary.csv")
+    assert int(row["requests"]) >= 2 and int(row["errors"]) == 0, row
+    assert float(row["wer"]) < WER_BOUND, row
+    assert json.loads((out / "summary.json").read_text())["api"] == api
+    registry = real_server.handle.metrics.registry
+    assert registry.get_sample_value("asr_requests_total", {"method": method, "code": "OK"}) >= 2
+
+
 class UnaryOnlySpeech(asr_pb2_grpc.SpeechServicer):
     """Recognize and GetServerInfo only: the generated base class answers every other rpc
     (StreamingRecognize) with UNIMPLEMENTED, as a server without streaming does. Recognize

@@ -195,6 +195,31 @@ def test_server_info(served):
     assert (info.engine, info.max_active) == ("generate", 0)
 
 
+def test_server_info_reports_the_limits_a_client_may_hit():
+    settings = Settings(
+        max_streams=7,
+        max_beam_size=3,
+        max_stream_s=900,
+        stream_buffer_s=12,
+        stream_idle_timeout_s=9,
+        endpoint_silence_ms=500,
+        interim_interval_ms=400,
+        no_speech_threshold=0.4,
+        silence_dbfs=-55,
+        max_new_tokens=200,
+    )
+    server = ServerThread(settings, FakeModel()).start()
+    try:
+        info = server.stub().GetServerInfo(asr_pb2.GetServerInfoRequest(), timeout=10)
+    finally:
+        server.stop()
+    assert (info.max_streams, info.max_beam_size, info.max_new_tokens) == (7, 3, 200)
+    assert (info.max_stream_s, info.stream_buffer_s, info.stream_idle_timeout_s) == (900, 12, 9)
+    assert (info.endpoint_silence_ms, info.interim_interval_ms) == (500, 400)
+    assert info.no_speech_threshold == pytest.approx(0.4)
+    assert info.silence_dbfs == -55
+
+
 def test_health_serving_for_overall_and_speech(served):
     stub = health_pb2_grpc.HealthStub(served.channel())
     for service in ("", "asr.v1.Speech"):
