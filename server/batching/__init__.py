@@ -34,14 +34,10 @@ def build_batcher(
         # Imported here: it needs torch, which the fake-model paths never load.
         from server.batching.continuous import ContinuousEngine, EngineConfig
 
-        config = EngineConfig(
-            max_active=s.max_active, max_encoder_batch=s.max_batch_size,
-            max_queue_size=s.max_queue_size, max_join_share=s.max_join_share,
-        )  # fmt: skip
+        config = EngineConfig.from_settings(s)
         return ContinuousEngine(model, executor, config, on_batch, on_fatal)
     if s.engine == "continuous":
         log.info("%s has no continuous decoder: using the generate engine", type(model).__name__)
-    batching = BatcherConfig(
-        s.max_batch_size, s.max_wait_ms, s.max_queue_size, s.max_prepare_wait_ms
+    return MicroBatcher(
+        model.run_batch, executor, BatcherConfig.from_settings(s), on_batch, on_fatal
     )
-    return MicroBatcher(model.run_batch, executor, batching, on_batch, on_fatal)

@@ -4,7 +4,7 @@ A plain micro-batcher runs `generate` on a batch: every window waits for the lon
 finished rows keep costing compute, and a window that arrives just after a batch started waits
 for all of it. Here the decoder runs one token at a time over whatever sequences are in flight:
 
-- New windows are encoded in batches (at most `max_encoder_batch`), their prompts run in one
+- New windows are encoded in batches (at most `max_batch_size`), their prompts run in one
   pass, and they join the decode batch at the next step; a sequence leaves as soon as it emits
   end-of-text or reaches its token limit, and its caller's future is resolved right then.
 - Each sequence holds its own state (the model math is in `server.models.whisper_step`):
@@ -22,7 +22,7 @@ for all of it. Here the decoder runs one token at a time over whatever sequences
   go through `model.run_batch` (transformers' `generate`) on the same thread, between steps
   (fallback): they hold the decode batch up for as long as that call takes.
 - Admission: at most `max_active` sequences decode at once (each holds its caches), at most
-  `max_encoder_batch` windows join at a time, in arrival order, urgent windows before
+  `max_batch_size` windows join at a time, in arrival order, urgent windows before
   background ones (streams' interims); background windows join only while no urgent sequence
   is decoding, so an interim's encoder pass never holds up a final or a unary request
   mid-decode.
@@ -63,6 +63,7 @@ from server.batching.base import (
     settle,
     wait_idle,
 )
+from server.config import Settings, check_bounds
 from server.errors import (
     BatchError,
     DeadlineExceededError,
@@ -78,10 +79,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EngineConfig:
-    """Admission limits of the continuous engine."""
+    """Admission limits of the continuous engine: the `Settings` fields of the same names,
+    with their bounds (see `server.config`)."""
 
     max_active: int = 16  # sequences decoding at once; each holds its KV caches (memory)
-    max_encoder_batch: int = 8  # windows encoded together when they join
+    max_batch_size: int = 8  # windows encoded together when they join (an encoder pass)
     max_queue_size: int = 256  # windows waiting to join; more raise QueueFullError
     # Each join (an encoder pass) holds every decoding sequence up. New windows wait while a
     # decoding sequence has spent more than this share of its decoding time held up so, so a
@@ -89,19 +91,11 @@ class EngineConfig:
     max_join_share: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.max_active < 1:
-            raise ValueError(f"max_active must be >= 1, not {self.max_active}")
-        if self.max_encoder_batch < 1:
-            raise ValueError(f"max_encoder_batch must be >= 1, not {self.max_encoder_batch}")
-        if self.max_queue_size < 1:
-            raise ValueError(f"max_queue_size must be >= 1, not {self.max_queue_size}")
-        if not 0 < self.max_join_share <= 1:
-            raise ValueError(f"max_join_share must be in (0, 1], not {self.max_join_share}")
+        check_bounds(self)
 
-    @property
-    def max_batch_size(self) -> int:
-        """What `Recognizer.backlogged` compares the queue depth with: a full encoder batch."""
-        return self.max_encoder_batch
+    @classmethod
+    def from_settings(cls, s: Settings) -> EngineConfig:
+        return cls(s.max_active, s.max_batch_size, s.max_queue_size, s.max_join_share)
 
 
 # -- the batcher side: queue, futures, the decode loop on the model worker --------------------
@@ -345,7 +339,7 @@ class ContinuousEngine:
         """Take windows off the queue in order: supported ones up to the free slots and the
         encoder batch cap, others into a fallback batch; drop cancelled and expired ones."""
         free = self.config.max_active - len(self.runtime.active)
-        cap = min(free, self.config.max_encoder_batch)
+        cap = min(free, self.config.max_batch_size)
         joining: list[_Request] = []
         fallback: list[_Request] = []
         now = time.monotonic()

@@ -39,6 +39,7 @@ from server.batching.base import (
     settle,
     wait_idle,
 )
+from server.config import Settings, SettingsError, check_bounds
 from server.errors import UnavailableError, UnrecoverableError
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ class _Pending(Generic[In, Out]):
 
 @dataclass
 class BatcherConfig:
+    """The micro-batcher's settings: the `Settings` fields of the same names, with their
+    bounds (see `server.config`)."""
+
     max_batch_size: int = 8
     max_wait_ms: float = 10.0
     max_queue_size: int = 256
@@ -65,12 +69,13 @@ class BatcherConfig:
     max_prepare_wait_ms: float = 100.0
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, not {self.max_batch_size}")
-        if self.max_wait_ms < 0 or self.max_prepare_wait_ms < 0:
-            raise ValueError("max_wait_ms and max_prepare_wait_ms must be >= 0")
+        check_bounds(self)
         if self.max_queue_size < self.max_batch_size:
-            raise ValueError("max_queue_size must be >= max_batch_size")
+            raise SettingsError("max_queue_size must be >= max_batch_size")
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> BatcherConfig:
+        return cls(s.max_batch_size, s.max_wait_ms, s.max_queue_size, s.max_prepare_wait_ms)
 
 
 @dataclass

@@ -42,10 +42,10 @@ from server.checkpoints.ct2_convert import (
     is_complete_checkpoint,
     iter_stale_temp_dirs,
 )
+from server.config import DEFAULT_MODEL, default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "tiny.en"
 DEFAULT_DTYPE = "float32"
 #: Files besides model.bin that the converter reads from a CTranslate2 directory.
 CT2_SIDE_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
@@ -177,13 +177,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         stage=_stage_base,
     ),
 }
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/whisper-grpc``, or ``~/.cache/whisper-grpc``."""
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "whisper-grpc"
 
 
 @contextlib.contextmanager

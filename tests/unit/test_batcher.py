@@ -56,7 +56,7 @@ def make(fn: Recorder, worker, size=4, wait_ms=10_000.0, queue=16, stats=None):
 
 async def test_flushes_when_full_without_waiting_for_the_timer(worker):
     fn = Recorder()
-    b = make(fn, worker, size=4, wait_ms=60_000)  # the timer would take a minute
+    b = make(fn, worker, size=4, wait_ms=10_000)  # the timer would take 10 s (the most allowed)
     results = await asyncio.wait_for(asyncio.gather(*(b.submit(i) for i in range(4))), 10)
     assert [r.value for r in results] == [0, 10, 20, 30]
     assert fn.batches == [[0, 1, 2, 3]]

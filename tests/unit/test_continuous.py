@@ -328,7 +328,7 @@ async def test_submit_many_gives_one_result_per_window_in_order(worker) -> None:
     model = TinyWhisper()
     feats = windows(6, seed=11)
     stats: list[BatchStats] = []
-    engine = ContinuousEngine(model, worker, EngineConfig(max_active=4, max_encoder_batch=3))
+    engine = ContinuousEngine(model, worker, EngineConfig(max_active=4, max_batch_size=3))
     engine.on_batch = stats.append
     engine.start()
     steps = StepGate(engine)
@@ -349,7 +349,7 @@ async def test_submit_many_gives_one_result_per_window_in_order(worker) -> None:
 async def test_windows_arriving_mid_decode_get_their_own_results(worker) -> None:
     model = TinyWhisper()
     feats = windows(8, seed=5)
-    engine = make(model, worker, max_active=8, max_encoder_batch=2)
+    engine = make(model, worker, max_active=8, max_batch_size=2)
     steps = StepGate(engine, hold=True)
     first = asyncio.ensure_future(engine.submit_many([task(f) for f in feats[:2]]))
     assert await asyncio.to_thread(steps.entered.wait, 10)  # two sequences are decoding
@@ -492,7 +492,7 @@ async def test_warmup_decodes_through_the_engine_and_leaves_it_idle(worker) -> N
 
 
 def test_config_is_validated() -> None:
-    for bad in ({"max_active": 0}, {"max_encoder_batch": 0}, {"max_queue_size": 0},
+    for bad in ({"max_active": 0}, {"max_batch_size": 0}, {"max_queue_size": 0},
                 {"max_join_share": 0}):  # fmt: skip
         with pytest.raises(ValueError):
             EngineConfig(**bad)
@@ -526,7 +526,7 @@ async def test_the_timing_split_adds_up_and_charges_others_encoder_passes_as_hel
     is its encode time, and queue + encode + decode + held is the time the caller waited."""
     model = TinyWhisper()
     feats = windows(8, seed=5)
-    engine = make(model, worker, max_active=8, max_encoder_batch=2)
+    engine = make(model, worker, max_active=8, max_batch_size=2)
     steps = StepGate(engine, hold=True)
     join = engine.runtime.join
 

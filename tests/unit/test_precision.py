@@ -68,7 +68,7 @@ def worker():
 async def test_continuous_engine_gives_generate_tokens_in_low_precision(worker, dtype) -> None:
     model = tiny(dtype)
     feats = windows(8, seed=31)
-    engine = ContinuousEngine(model, worker, EngineConfig(max_active=4, max_encoder_batch=2))
+    engine = ContinuousEngine(model, worker, EngineConfig(max_active=4, max_batch_size=2))
     engine.start()
     # 8 windows through 4 slots in encoder batches of 2: joins and leaves mid-decode.
     results = await asyncio.wait_for(engine.submit_many([task(f) for f in feats]), 120)
