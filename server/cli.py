@@ -53,6 +53,21 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     "stream-idle-timeout-s": (float, "a stream silent on the wire this long ends, seconds"),
     "endpoint-silence-ms": (int, "default silence after speech that ends an utterance, ms"),
     "interim-interval-ms": (int, "default new audio between interim re-decodes, ms"),
+    # security and connection limits
+    "metrics-host": (str, "address of the metrics endpoint (empty: --host)"),
+    "tls-cert": (Path, "PEM certificate chain: serve TLS (with --tls-key)"),
+    "tls-key": (Path, "PEM private key of --tls-cert"),
+    "tls-client-ca": (Path, "PEM CA bundle: require client certificates it signed (mTLS)"),
+    "auth-token-file": (Path, "bearer tokens, one per line: asr.v1 calls need one"),
+    "max-calls-per-client": (int, "concurrent calls per client (token or address); 0: no cap"),
+    "max-streams-per-client": (int, "concurrent streams per client; 0: no cap"),
+    "max-concurrent-rpcs": (int, "calls in progress on the whole server"),
+    "max-streams-per-connection": (int, "HTTP/2 streams open per connection"),
+    "max-connections": (int, "open client connections"),
+    "keepalive-time-s": (float, "ping a connection quiet this long, seconds"),
+    "keepalive-timeout-s": (float, "drop a connection whose ping goes unanswered this long"),
+    "min-ping-interval-s": (float, "GOAWAY to clients pinging more often, seconds"),
+    "max-connection-age-s": (float, "close connections older than this (0: never), seconds"),
 }
 
 

@@ -7,6 +7,7 @@ as `server.errors` exceptions and mapped to statuses by `server.interceptors`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,9 +20,9 @@ import server
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from server.audio import AudioFormat, Encoding
 from server.config import Settings
-from server.errors import InvalidArgumentError, UnavailableError
+from server.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError, clip
 from server.metrics import Metrics
-from server.models.base import DecodeOptions
+from server.models.base import MAX_PROMPT_BYTES, DecodeOptions
 from server.recognizer import Recognition, Recognizer, Segment, Timing
 from server.streaming import StreamEvent, StreamLimits, StreamSettings, StreamSlots, run_stream
 
@@ -34,6 +35,9 @@ _ENCODINGS = {
     Config.WAV: Encoding.WAV,
     Config.OGG: Encoding.OGG,
 }
+# Byte bounds of the text fields, checked before anything reads them (see MAX_PROMPT_BYTES).
+MAX_LANGUAGE_BYTES = 35  # the longest BCP-47 tag in practical use
+MAX_MODEL_BYTES = 256
 _TASKS = {
     Config.TASK_UNSPECIFIED: "transcribe",
     Config.TRANSCRIBE: "transcribe",
@@ -51,7 +55,11 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
     def __post_init__(self) -> None:
         self.streams = StreamSlots(self.settings.max_streams)
 
+    draining: bool = False  # set on SIGTERM: new calls are refused, open streams may finish
+
     def _ready(self) -> Recognizer:
+        if self.draining:
+            raise UnavailableError("server is shutting down; retry on another replica")
         if self.recognizer is None:
             raise UnavailableError("model is still loading; retry when health says SERVING")
         return self.recognizer
@@ -73,37 +81,46 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
         recognizer = self._ready()
-        first = await anext(aiter(request_iterator), None)
-        if first is None:
-            return  # the client closed without sending anything: nothing to recognize
-        if first.WhichOneof("streaming_request") != "streaming_config":
-            raise InvalidArgumentError(
-                "the first message must carry streaming_config; audio_content comes after it"
-            )
-        cfg = self._stream_settings(first.streaming_config, recognizer)
         s = self.settings
-        limits = StreamLimits(s.max_stream_s, s.stream_buffer_s, s.stream_idle_timeout_s)
+        # Counted from the first byte: a stream that never sends its config holds a slot too,
+        # and is timed out like a stream that sends no audio.
         with self.streams.slot():
             self.metrics.active_streams.inc()
             try:
-                bytes_per_s = 2 * cfg.channels * cfg.sample_rate_hz
-                events = run_stream(
-                    _audio_chunks(request_iterator, self.metrics, bytes_per_s),
-                    cfg,
-                    recognizer,
-                    limits,
-                    on_final=self.metrics.stream_final_seconds.observe,
-                )
-                started, interim_seen = time.monotonic(), False
-                async for event in events:
-                    if event.result and not event.result.is_final and not interim_seen:
-                        interim_seen = True
-                        self.metrics.stream_first_interim_seconds.observe(
-                            time.monotonic() - started
-                        )
-                    yield _stream_response(event)
+                first = await _first_message(request_iterator, s.stream_idle_timeout_s)
+                if first is None:
+                    return  # the client closed without sending anything: nothing to do
+                cfg = self._stream_settings(first.streaming_config, recognizer)
+                # Options are validated (the prompt tokenized) off the event loop.
+                await asyncio.to_thread(recognizer.model.check_options, cfg.options)
+                limits = StreamLimits(s.max_stream_s, s.stream_buffer_s, s.stream_idle_timeout_s)
+                async for response in self._stream(request_iterator, cfg, recognizer, limits):
+                    yield response
             finally:
                 self.metrics.active_streams.dec()
+
+    async def _stream(
+        self,
+        request_iterator: AsyncIterator[asr_pb2.StreamingRecognizeRequest],
+        cfg: StreamSettings,
+        recognizer: Recognizer,
+        limits: StreamLimits,
+    ) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
+        bytes_per_s = 2 * cfg.channels * cfg.sample_rate_hz
+        events = run_stream(
+            _audio_chunks(request_iterator, self.metrics, bytes_per_s),
+            cfg,
+            recognizer,
+            limits,
+            on_final=self.metrics.stream_final_seconds.observe,
+            shutdown=self.streams.shutdown,
+        )
+        started, interim_seen = time.monotonic(), False
+        async for event in events:
+            if event.result and not event.result.is_final and not interim_seen:
+                interim_seen = True
+                self.metrics.stream_first_interim_seconds.observe(time.monotonic() - started)
+            yield _stream_response(event)
 
     def _stream_settings(
         self, streaming: asr_pb2.StreamingRecognitionConfig, recognizer: Recognizer
@@ -167,9 +184,10 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
             )
         if config.audio_channel_count < 0 or config.max_alternatives < 0:
             raise InvalidArgumentError("audio_channel_count and max_alternatives must be >= 0")
+        _check_text_bounds(config)
         if config.model and config.model != recognizer.model.info.model_id:
             raise InvalidArgumentError(
-                f"model {config.model!r} is not served here; this server runs "
+                f"model {clip(config.model)!r} is not served here; this server runs "
                 f"{recognizer.model.info.model_id!r} (leave model empty to use it)"
             )
         if not 0.0 <= config.temperature <= 1.0:
@@ -190,8 +208,35 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
             prompt=config.initial_prompt,
             word_timestamps=config.enable_word_time_offsets,
         )
-        recognizer.model.check_options(options)
-        return fmt, options
+        return fmt, options  # the model checks options off the loop (recognizer, stream start)
+
+
+def _check_text_bounds(config: asr_pb2.RecognitionConfig) -> None:
+    for name, value, limit in (
+        ("language_code", config.language_code, MAX_LANGUAGE_BYTES),
+        ("model", config.model, MAX_MODEL_BYTES),
+        ("initial_prompt", config.initial_prompt, MAX_PROMPT_BYTES),
+    ):
+        size = len(value.encode())
+        if size > limit:
+            raise InvalidArgumentError(f"{name} is {size} bytes; at most {limit}")
+
+
+async def _first_message(
+    request_iterator: AsyncIterator[asr_pb2.StreamingRecognizeRequest], timeout_s: float
+) -> asr_pb2.StreamingRecognizeRequest | None:
+    """The stream's config message (None: closed before sending one)."""
+    try:
+        first = await asyncio.wait_for(anext(aiter(request_iterator), None), timeout_s)
+    except asyncio.TimeoutError:
+        raise DeadlineExceededError(
+            f"no streaming_config within {timeout_s:g} s of opening the stream"
+        ) from None
+    if first is not None and first.WhichOneof("streaming_request") != "streaming_config":
+        raise InvalidArgumentError(
+            "the first message must carry streaming_config; audio_content comes after it"
+        )
+    return first
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:

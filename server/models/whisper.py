@@ -26,7 +26,15 @@ from transformers import WhisperForConditionalGeneration, WhisperProcessor
 from transformers.modeling_outputs import BaseModelOutput
 
 from server.errors import InvalidArgumentError
-from server.models.base import DecodeOptions, ModelInfo, SpeechModel, WindowResult, WindowTask, Word
+from server.models.base import (
+    MAX_PROMPT_BYTES,
+    DecodeOptions,
+    ModelInfo,
+    SpeechModel,
+    WindowResult,
+    WindowTask,
+    Word,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +42,7 @@ SAMPLE_RATE = 16_000
 N_FRAMES = 3000  # mel frames in Whisper's 30 s window
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_PROMPT_TOKENS = 223  # Whisper's decoder context is 448; the prompt may use half of it
+MAX_START_TOKENS = 4  # <|startoftranscript|>, language, task, <|notimestamps|>
 
 
 def resolve_device(device: str) -> torch.device:
@@ -119,10 +128,23 @@ class WhisperModel(SpeechModel):
                 )
         elif options.language is not None and options.language not in self.info.languages:
             raise InvalidArgumentError(f"language_code {options.language!r} is not supported")
-        if options.prompt and len(self.tokenizer.encode(" " + options.prompt.strip())) > (
-            MAX_PROMPT_TOKENS
-        ):
+        if len(options.prompt.encode()) > MAX_PROMPT_BYTES:  # before tokenizing it
+            raise InvalidArgumentError(f"initial_prompt is longer than {MAX_PROMPT_BYTES} bytes")
+        if options.prompt and len(self._prompt_ids(options.prompt)) - 1 > MAX_PROMPT_TOKENS:
             raise InvalidArgumentError(f"initial_prompt is longer than {MAX_PROMPT_TOKENS} tokens")
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        """<|startofprev|> and the prompt's tokens, as `generate` puts them before the start."""
+        return [int(i) for i in self.processor.get_prompt_ids(prompt.strip())]
+
+    def max_new_tokens_for(self, options: DecodeOptions) -> int:
+        """The decode budget of a window: the prompt and the start tokens share Whisper's
+        448-position context with what is decoded, so a prompted window decodes fewer tokens
+        (as Whisper's own decoding does: its prompt takes at most half the context)."""
+        if not options.prompt:
+            return self.max_new_tokens
+        used = len(self._prompt_ids(options.prompt)) + MAX_START_TOKENS
+        return max(1, min(self.max_new_tokens, self.model.config.max_target_positions - used))
 
     def prepare(self, samples: np.ndarray) -> np.ndarray:
         features = self.processor.feature_extractor(
@@ -182,7 +204,7 @@ class WhisperModel(SpeechModel):
         kwargs: dict[str, Any] = {
             "return_dict_in_generate": True,
             "output_scores": True,
-            "max_new_tokens": self.max_new_tokens,
+            "max_new_tokens": self.max_new_tokens_for(options),
         }
         if self.info.multilingual:
             kwargs["task"] = options.task
@@ -194,7 +216,7 @@ class WhisperModel(SpeechModel):
             kwargs["num_beams"] = options.beam_size
         if options.prompt:
             kwargs["prompt_ids"] = torch.as_tensor(
-                self.processor.get_prompt_ids(options.prompt.strip()), device=self.device
+                self._prompt_ids(options.prompt), device=self.device
             )
         if options.word_timestamps:
             kwargs["return_token_timestamps"] = True
