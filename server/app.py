@@ -147,15 +147,15 @@ async def run(settings: Settings) -> int:
     log.info("listening on %s:%d (NOT_SERVING until the model is warm)", settings.host, handle.port)
     if settings.metrics_port >= 0:
         try:
-            mport = handle.metrics.serve(settings.metrics_port, settings.metrics_host)
+            mport = handle.metrics.serve(settings.metrics_port, settings.metrics_bind_host)
         except OSError as err:
             log.error(
                 "cannot serve metrics on %s:%d: %s (--metrics-port -1 turns them off)",
-                settings.metrics_host, settings.metrics_port, err.strerror or err,
+                settings.metrics_bind_host, settings.metrics_port, err.strerror or err,
             )  # fmt: skip
             await handle.drain_and_stop(0)
             return 1
-        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, mport)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_bind_host, mport)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -28,6 +28,7 @@ MAX_CHANNELS = 32
 MAX_WORK_SAMPLES_PER_S = 384_000
 BLOCK_SAMPLES = 1 << 18  # samples (all channels) decoded at a time: 1 MiB of float32
 UNKNOWN_LENGTH = 1 << 40  # libsndfile's frame count for a FLAC whose header leaves it out
+UNKNOWN_LENGTH_BLOCK = 4096  # frames per read of such a file (a common FLAC block size)
 
 
 class Encoding(Enum):
@@ -171,7 +172,11 @@ def _check_header(f: sf.SoundFile, fmt: AudioFormat, max_duration_s: float) -> N
 
 def _decode_blocks(f: sf.SoundFile, max_duration_s: float) -> np.ndarray:
     rate, channels = int(f.samplerate), int(f.channels)
-    block = max(1, BLOCK_SAMPLES // channels)
+    unknown_length = f.frames >= UNKNOWN_LENGTH
+    # libsndfile fails a read that runs past the end of a FLAC of unknown length (and the
+    # decoder is lost after it): such files are read in FLAC-frame-sized blocks, and the
+    # failing read at the end drops at most one block of the tail.
+    block = UNKNOWN_LENGTH_BLOCK if unknown_length else max(1, BLOCK_SAMPLES // channels)
     resampler = (
         None
         if rate == SAMPLE_RATE
@@ -180,14 +185,19 @@ def _decode_blocks(f: sf.SoundFile, max_duration_s: float) -> np.ndarray:
         else soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
     )
     pieces: list[np.ndarray] = []
-    frames = 0
-    while True:
+    frames, last = 0, False
+    while not last:
         try:
-            data = f.read(block, dtype="float32", always_2d=True)
+            # buffer_read, not read: read() asks for the position first, which libsndfile
+            # can't tell for a FLAC of unknown length.
+            raw = f.buffer_read(block, dtype="float32")
         except (sf.LibsndfileError, RuntimeError) as err:
+            if unknown_length and frames:
+                break
             raise InvalidAudioError(
                 f"could not decode the audio: {_libsndfile_reason(err)}"
             ) from err
+        data = np.frombuffer(raw, dtype=np.float32).reshape(-1, channels)
         last = len(data) < block
         frames += len(data)
         _check_duration(frames / rate, max_duration_s)
@@ -196,8 +206,8 @@ def _decode_blocks(f: sf.SoundFile, max_duration_s: float) -> np.ndarray:
         if resampler is not None:
             mono = resampler.resample_chunk(mono, last=last)
         pieces.append(np.ascontiguousarray(mono, dtype=np.float32))
-        if last:
-            break
+    if resampler is not None and not last:  # the failed read of an unknown length's end
+        pieces.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
     if frames == 0:
         raise InvalidAudioError("audio file contains no samples (truncated?)")
     return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
@@ -210,7 +220,7 @@ def _clean(mono: np.ndarray, frames: int, rate: int) -> np.ndarray:
         raise InvalidAudioError(
             f"audio has NaN or infinite samples (in the block ending at {frames / rate:.1f} s)"
         )
-    return np.clip(mono, -1.0, 1.0, out=mono)
+    return np.clip(mono, -1.0, 1.0)
 
 
 def _check_work(samples: int, max_duration_s: float) -> None:

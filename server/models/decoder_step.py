@@ -34,6 +34,7 @@ import torch
 from torch.nn import functional as F
 
 from server.models.base import DecodeOptions, WindowResult
+from server.models.runaway import is_looping, trim_loop
 
 
 @dataclass(frozen=True)
@@ -416,6 +417,8 @@ class GreedyRuntime:
         self.active = []
 
     def result(self, seq: DecodeSequence) -> WindowResult:
+        seq.tokens = trim_loop(seq.tokens)
+        seq.logprobs = seq.logprobs[: len(seq.tokens)]
         text = self.model.tokenizer.decode(seq.tokens, skip_special_tokens=True).strip()
         finite = [lp for lp in seq.logprobs if np.isfinite(lp)]
         confidence = float(np.exp(np.mean(finite))) if finite else 0.0
@@ -437,8 +440,8 @@ class GreedyRuntime:
                 continue
             seq.tokens.append(token)
             seq.logprobs.append(logprob)
-            if len(seq.tokens) >= seq.max_new_tokens:
-                seq.finished = True
+            if len(seq.tokens) >= seq.max_new_tokens or is_looping(seq.tokens):
+                seq.finished = True  # a loop (server.models.runaway) is trimmed in result()
 
     def _no_speech_probs(self, logits_at_sot: torch.Tensor) -> list[float]:
         if self.no_speech is None:

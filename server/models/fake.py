@@ -23,11 +23,13 @@ class FakeModel(SpeechModel):
         self.gate: threading.Event | None = None  # when set by a test, run_batch waits on it
         self.started = threading.Event()  # set when a batch starts running
         self.worker_threads: set[str] = set()
+        self.check_threads: set[str] = set()  # where check_options ran (never the event loop)
 
     def prepare(self, samples: np.ndarray) -> np.ndarray:
         return samples
 
     def check_options(self, options: DecodeOptions) -> None:
+        self.check_threads.add(threading.current_thread().name)
         if options.language not in (None, "en"):
             raise InvalidArgumentError(f"fake model is English-only, not {options.language!r}")
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutput
 
 from server.errors import InvalidArgumentError
@@ -35,6 +36,7 @@ from server.models.base import (
     WindowTask,
     Word,
 )
+from server.models.runaway import is_looping, trim_loop
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,19 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+class _LoopStop(StoppingCriteria):
+    """Stops a row of `generate` whose new tokens end in a loop (see server.models.runaway)."""
+
+    def __init__(self) -> None:
+        self.start: int | None = None  # where the new tokens begin (the prompt may repeat)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> Any:
+        if self.start is None:
+            self.start = input_ids.shape[1] - 1
+        rows = input_ids[:, self.start :].tolist()
+        return torch.tensor([is_looping(r) for r in rows], device=input_ids.device)
 
 
 @dataclass(frozen=True)
@@ -205,6 +220,7 @@ class WhisperModel(SpeechModel):
             "return_dict_in_generate": True,
             "output_scores": True,
             "max_new_tokens": self.max_new_tokens_for(options),
+            "stopping_criteria": StoppingCriteriaList([_LoopStop()]),
         }
         if self.info.multilingual:
             kwargs["task"] = options.task
@@ -244,6 +260,7 @@ class WhisperModel(SpeechModel):
         for row in range(batch):
             tokens = new_tokens[row].tolist()
             end = tokens.index(self._eos) if self._eos in tokens else len(tokens)
+            end = len(trim_loop(tokens[:end]))  # a runaway loop stopped by _LoopStop, once
             row_times = None
             if times is not None:
                 row_times = times[row, times.shape[1] - n_new :].float().tolist()[: end + 1]

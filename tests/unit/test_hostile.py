@@ -1,0 +1,271 @@
+"""What hostile and unlucky clients broke (issue 14, section 1), through a real gRPC server on
+loopback with the fake model, and the audio decoder directly: each test failed before its fix."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import threading
+import tracemalloc
+
+import grpc
+import numpy as np
+import pytest
+import soundfile as sf
+
+from asr.v1 import asr_pb2
+from server.audio import SAMPLE_RATE, AudioFormat, Encoding, decode
+from server.config import Settings
+from server.embedded import EmbeddedServer
+from server.errors import InvalidAudioError
+from server.interceptors import ErrorInterceptor
+from server.models.fake import FakeModel
+from tests.conftest import tone, wav_bytes
+
+Config = asr_pb2.RecognitionConfig
+Req = asr_pb2.StreamingRecognizeRequest
+
+
+def constant_flac(rate: int, channels: int, seconds: float, value: float = 0.25) -> bytes:
+    """A legal FLAC of constant samples, written a second at a time (a few KB for minutes)."""
+    buf = io.BytesIO()
+    block = np.full((rate, channels), value, dtype=np.float32)
+    with sf.SoundFile(buf, "w", rate, channels, "PCM_16", format="FLAC") as f:
+        for _ in range(int(seconds)):
+            f.write(block)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def fake():
+    return FakeModel()
+
+
+@pytest.fixture
+def served(fake):
+    server = EmbeddedServer(Settings(max_batch_size=4, max_queue_size=8, max_streams=2), fake)
+    yield server.start()
+    fake.gate = None
+    server.stop()
+
+
+def recognize(served, content: bytes, **config) -> asr_pb2.RecognizeResponse:
+    request = asr_pb2.RecognizeRequest(
+        config=Config(**config), audio=asr_pb2.RecognitionAudio(content=content)
+    )
+    return served.stub().Recognize(request, timeout=60)
+
+
+def refused(served, content: bytes, **config) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        recognize(served, content, **config)
+    return info.value
+
+
+# -- 1.1 a small FLAC that declares a huge decode ---------------------------------------------
+def test_a_flac_declaring_more_work_than_the_budget_is_refused_before_decoding():
+    content = constant_flac(384_000, 8, 40)  # 123M samples: over 384k/s x 60 s
+    assert len(content) < 200_000
+    with pytest.raises(InvalidAudioError, match="rate x channels x duration"):
+        decode(content, AudioFormat(), 60.0)
+
+
+def test_file_decoding_memory_is_the_output_plus_a_block():
+    content = constant_flac(48_000, 8, 30)  # 11.5M samples: 46 MB as one float32 array
+    tracemalloc.start()
+    try:
+        out = decode(content, AudioFormat(), 600.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(out) == 30 * SAMPLE_RATE
+    assert peak < 4 * out.nbytes + 8 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_a_flac_of_unknown_length_is_decoded_and_still_bounded():
+    content = bytearray(wav_bytes(tone(440, 2.0, 16_000), 16_000, "PCM_16", "FLAC"))
+    # STREAMINFO's 36-bit total_samples (bytes 21-25 after "fLaC" and the block header): 0.
+    content[21] &= 0xF0
+    content[22:26] = b"\x00\x00\x00\x00"
+    out = decode(bytes(content), AudioFormat(), 600.0)
+    assert 2 * SAMPLE_RATE - 4096 <= len(out) <= 2 * SAMPLE_RATE  # the last block may be lost
+    with pytest.raises(InvalidAudioError, match="at most 1 s"):
+        decode(bytes(content), AudioFormat(), 1.0)
+
+
+# -- 1.5 cheap inputs, expensive work ---------------------------------------------------------
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_samples_are_refused(served, fake, value):
+    samples = tone(440, 1.0, 16_000)
+    samples[100] = value
+    error = refused(served, wav_bytes(samples, 16_000, "FLOAT"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "NaN or infinite" in error.details()
+    assert fake.batches == []
+
+
+def test_samples_beyond_full_scale_are_clipped():
+    samples = np.full(16_000, 1e38, dtype=np.float32)
+    samples[::2] = -1e38
+    out = decode(wav_bytes(samples, 16_000, "FLOAT"), AudioFormat(), 600.0)
+    assert np.abs(out).max() <= 1.0
+
+
+def test_constant_samples_are_silence_and_cost_no_model_time(served, fake):
+    response = recognize(served, constant_flac(16_000, 1, 120))
+    assert response.results == [] and response.timing.windows >= 4
+    assert fake.batches == []
+
+
+# -- 1.3 / 1.8 text fields and error messages --------------------------------------------------
+def test_text_fields_are_bounded_in_bytes_and_checked_off_the_event_loop(served, fake):
+    audio = wav_bytes(tone(440, 1.0, 16_000), 16_000)
+    error = refused(served, audio, initial_prompt="word " * 200_000)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "initial_prompt is 1000000 bytes; at most 4096" in error.details()
+    error = refused(served, audio, language_code="x" * 1_000_000)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(error.details()) < 100
+    recognize(served, audio, initial_prompt="a short prompt")
+    assert fake.check_threads and "test-server" not in fake.check_threads
+
+
+def test_error_messages_cut_echoed_values_and_hold_no_reprs(served):
+    audio = wav_bytes(tone(440, 1.0, 16_000), 16_000)
+    error = refused(served, audio, model="m" * 200)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and len(error.details()) < 300
+    error = refused(served, b"garbage, not audio" * 100)
+    assert "0x" not in error.details() and "<_io" not in error.details()
+
+
+# -- 1.7 a request that can never fit -----------------------------------------------------------
+def test_audio_needing_more_windows_than_the_queue_is_invalid_not_retryable(served):
+    error = refused(served, wav_bytes(tone(440, 300.0, 16_000), 16_000))  # 11 windows, queue 8
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 8" in error.details() and "never fit" in error.details()
+
+
+# -- 1.10 the audio contract -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("content", "config", "message"),
+    [
+        (wav_bytes(tone(440, 1.0, 16_000), 16_000), {"encoding": Config.OGG}, "is WAV, not OGG"),
+        (wav_bytes(tone(440, 1.0, 16_000), 16_000), {"encoding": Config.FLAC}, "not FLAC"),
+        (wav_bytes(tone(440, 1.0, 16_000), 16_000, fmt="AIFF"), {}, "is AIFF"),
+        (wav_bytes(tone(440, 1.0, 16_000), 16_000), {"audio_channel_count": 2}, "header says 1"),
+    ],
+)
+def test_encoding_and_channel_count_are_enforced_for_files(served, content, config, message):
+    error = refused(served, content, **config)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.details()
+
+
+def test_encoding_is_enforced_in_the_decoder_too():
+    with pytest.raises(InvalidAudioError, match="not WAV"):
+        decode(wav_bytes(tone(440, 1.0, 16_000), 16_000, fmt="FLAC"), AudioFormat(Encoding.WAV), 9)
+
+
+# -- 1.9 metrics with the status the client saw -------------------------------------------------
+def counted(served, method: str, code: str) -> float:
+    metrics = served.handle.metrics
+    return (
+        metrics.registry.get_sample_value("asr_requests_total", {"method": method, "code": code})
+        or 0.0
+    )
+
+
+def test_malformed_protobuf_is_invalid_argument_and_counted(served):
+    call = served.channel().unary_unary("/asr.v1.Speech/Recognize")
+    with pytest.raises(grpc.RpcError) as info:
+        call(b"\xff\xff\xff\xff", timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid asr.v1.RecognizeRequest" in info.value.details()
+    assert counted(served, "Recognize", "INVALID_ARGUMENT") == 1
+
+
+def test_a_client_deadline_is_counted_as_deadline_exceeded(served, fake, monkeypatch):
+    counted_event = threading.Event()
+    original = ErrorInterceptor._count
+
+    def count(self, method, code, started):
+        original(self, method, code, started)
+        counted_event.set()
+
+    monkeypatch.setattr(ErrorInterceptor, "_count", count)
+    fake.gate = threading.Event()
+    request = asr_pb2.RecognizeRequest(
+        audio=asr_pb2.RecognitionAudio(content=wav_bytes(tone(440, 1.0, 16_000), 16_000))
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        served.stub().Recognize(request, timeout=0.5)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert counted_event.wait(10)
+    fake.gate.set()
+    assert counted(served, "Recognize", "DEADLINE_EXCEEDED") == 1
+    assert counted(served, "Recognize", "CANCELLED") == 0
+
+
+# -- 1.6 streams that hold slots for free ------------------------------------------------------
+def config_message() -> Req:
+    config = Config(encoding=Config.LINEAR16, sample_rate_hertz=16_000)
+    return Req(streaming_config=asr_pb2.StreamingRecognitionConfig(config=config))
+
+
+def test_a_stream_without_config_holds_a_counted_slot_and_is_timed_out():
+    server = EmbeddedServer(Settings(max_streams=1, stream_idle_timeout_s=1), FakeModel()).start()
+    release = threading.Event()
+    opened = threading.Event()
+
+    def nothing():
+        opened.set()
+        release.wait(30)
+        yield from ()
+
+    try:
+        silent = server.stub().StreamingRecognize(nothing(), timeout=30)
+        assert opened.wait(10)
+        with pytest.raises(grpc.RpcError) as info:
+            next(silent)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "no streaming_config within 1 s" in info.value.details()
+    finally:
+        release.set()
+        server.stop()
+
+
+def test_empty_keepalives_do_not_extend_the_idle_timeout():
+    server = EmbeddedServer(Settings(stream_idle_timeout_s=1), FakeModel()).start()
+    release = threading.Event()
+
+    def keepalives():
+        yield config_message()
+        while not release.wait(0.1):  # an empty message every 100 ms, for ever
+            yield Req(audio_content=b"")
+
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            list(server.stub().StreamingRecognize(keepalives(), timeout=30))
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        release.set()
+        server.stop()
+
+
+# -- 1.11 a port in use --------------------------------------------------------------------------
+def test_a_metrics_port_in_use_is_one_clear_line_and_exit_1(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = subprocess.run(
+            [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0",
+             "--metrics-port", str(port), "--cache-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in run.stderr
