@@ -269,3 +269,110 @@ def test_a_metrics_port_in_use_is_one_clear_line_and_exit_1(tmp_path):
     assert run.returncode == 1
     assert "Traceback" not in run.stderr
     assert f"cannot serve metrics on 127.0.0.1:{port}" in run.stderr
+
+
+# -- 1.12 endpointing does not depend on the pace -------------------------------------------------
+def pcm(samples: np.ndarray) -> bytes:
+    return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def finals_of(served, messages: list[Req]) -> list[tuple[int, int]]:
+    responses = served.stub().StreamingRecognize(iter(messages), timeout=60)
+    return [
+        (r.result_start_time.ToMilliseconds(), r.result_end_time.ToMilliseconds())
+        for resp in responses
+        for r in resp.results
+        if r.is_final
+    ]
+
+
+def test_audio_sent_at_once_is_endpointed_as_if_it_came_in_real_time(served):
+    gap = np.zeros(16_000, dtype=np.float32)
+    audio = pcm(np.concatenate([tone(300, 2.0, 16_000), gap] * 3))
+    at_once = finals_of(served, [config_message(), Req(audio_content=audio)])
+    paced = finals_of(
+        served,
+        [config_message()]
+        + [Req(audio_content=audio[i : i + 3200]) for i in range(0, len(audio), 3200)],
+    )
+    assert len(at_once) == 3
+    assert at_once == paced
+
+
+def test_one_byte_messages_are_coalesced(served, monkeypatch):
+    from server.streaming import PcmDecoder
+
+    calls = []
+    original = PcmDecoder.decode
+
+    def decode(self, chunk, last=False):
+        calls.append(len(chunk))
+        return original(self, chunk, last)
+
+    monkeypatch.setattr(PcmDecoder, "decode", decode)
+    audio = pcm(tone(300, 0.5, 16_000))
+    finals = finals_of(served, [config_message()] + [Req(audio_content=bytes([b])) for b in audio])
+    assert len(finals) == 1 and finals[0][1] == 500
+    assert len(calls) < len(audio) / 500  # one decode per 20 ms, not per byte
+
+
+# -- 1.4 SIGTERM drains streams -------------------------------------------------------------------
+class HeldStream:
+    """A stream that sends 1 s of speech and keeps the call open until released."""
+
+    def __init__(self, stub) -> None:
+        self.release = threading.Event()
+        self.sent = threading.Event()
+        self.responses: list[asr_pb2.StreamingRecognizeResponse] = []
+        self.error: grpc.RpcError | None = None
+
+        def messages():
+            yield config_message()
+            yield Req(audio_content=pcm(tone(300, 1.0, 16_000)))
+            self.sent.set()
+            self.release.wait(30)
+
+        self.call = stub.StreamingRecognize(messages(), timeout=30)
+        self.thread = threading.Thread(target=self._read)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            self.responses.extend(self.call)
+        except grpc.RpcError as err:
+            self.error = err
+
+    def finals(self) -> list[str]:
+        return [r.alternatives[0].transcript for p in self.responses for r in p.results]
+
+
+async def _until(predicate) -> None:
+    import asyncio
+
+    while not predicate():  # polls the server's own state on its loop  # noqa: ASYNC110
+        await asyncio.sleep(0.005)
+
+
+def test_sigterm_lets_open_streams_finalize_what_they_sent(served):
+    stub = served.stub()
+    cut, closing = HeldStream(stub), HeldStream(stub)
+    assert cut.sent.wait(10) and closing.sent.wait(10)
+    served.call(lambda h: _until(lambda: h.servicer.streams.active == 2))
+    drained: list[bool] = []
+    drain = threading.Thread(target=lambda: drained.append(served.call(
+        lambda h: h.drain_and_stop(2.0))))  # fmt: skip
+    drain.start()
+    served.call(lambda h: _until(lambda: h.servicer.draining))
+    with pytest.raises(grpc.RpcError) as info:  # new calls are refused at once
+        recognize(served, wav_bytes(tone(440, 1.0, 16_000), 16_000))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    closing.release.set()  # half-closes during the grace: its final, then OK
+    closing.thread.join(10)
+    assert closing.error is None and len(closing.finals()) == 1
+    cut.thread.join(10)  # never half-closes: cut near the end of the grace, final first
+    drain.join(10)
+    assert len(cut.finals()) == 1 and cut.finals()[0].startswith("n=16000")
+    assert cut.error is not None and cut.error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "1.0 s of audio received were finalized" in cut.error.details()
+    assert drained == [True]
+    cut.release.set()
