@@ -87,6 +87,7 @@ def decode(content: bytes, fmt: AudioFormat, max_duration_s: float) -> np.ndarra
         # soxr's HQ band-limited resampler: naive decimation would alias speech energy above
         # 8 kHz down into the band Whisper listens to.
         mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
+        mono = np.clip(mono, -1.0, 1.0)  # band-limiting rings a little past full scale
     return mono
 
 
@@ -204,10 +205,11 @@ def _decode_blocks(f: sf.SoundFile, max_duration_s: float) -> np.ndarray:
         _check_work(frames * channels, max_duration_s)
         mono = _clean(data.mean(axis=1) if channels > 1 else data[:, 0], frames, rate)
         if resampler is not None:
-            mono = resampler.resample_chunk(mono, last=last)
+            # Band-limiting rings a little past full scale next to a clipped edge.
+            mono = np.clip(resampler.resample_chunk(mono, last=last), -1.0, 1.0)
         pieces.append(np.ascontiguousarray(mono, dtype=np.float32))
     if resampler is not None and not last:  # the failed read of an unknown length's end
-        pieces.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+        pieces.append(np.clip(resampler.resample_chunk(np.zeros(0, np.float32), last=True), -1, 1))
     if frames == 0:
         raise InvalidAudioError("audio file contains no samples (truncated?)")
     return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]

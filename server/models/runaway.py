@@ -25,7 +25,7 @@ def loop_period(tokens: Sequence[int]) -> int | None:
     n = len(tokens)
     if n < LOOP_SPAN + 1:
         return None
-    tail = list(tokens[n - LOOP_SPAN - MAX_PERIOD :])
+    tail = list(tokens[max(0, n - LOOP_SPAN - MAX_PERIOD) :])
     end = len(tail)
     for period in range(1, MAX_PERIOD + 1):
         if end - LOOP_SPAN - period < 0:
