@@ -55,10 +55,16 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     "interim-interval-ms": (int, "default new audio between interim re-decodes, ms"),
     # security and connection limits
     "metrics-host": (str, "address of the metrics endpoint (empty: --host)"),
-    "tls-cert": (Path, "PEM certificate chain: serve TLS (with --tls-key)"),
-    "tls-key": (Path, "PEM private key of --tls-cert"),
-    "tls-client-ca": (Path, "PEM CA bundle: require client certificates it signed (mTLS)"),
-    "auth-token-file": (Path, "bearer tokens, one per line: asr.v1 calls need one"),
+    "tls-cert": (lambda v: _optional_path(v), "PEM certificate chain: serve TLS (with --tls-key)"),
+    "tls-key": (lambda v: _optional_path(v), "PEM private key of --tls-cert"),
+    "tls-client-ca": (
+        lambda v: _optional_path(v),
+        "PEM CA bundle: require client certificates it signed (mTLS)",
+    ),
+    "auth-token-file": (
+        lambda v: _optional_path(v),
+        "bearer tokens, one per line: asr.v1 calls need one",
+    ),
     "max-calls-per-client": (int, "concurrent calls per client (token or address); 0: no cap"),
     "max-streams-per-client": (int, "concurrent streams per client; 0: no cap"),
     "max-concurrent-rpcs": (int, "calls in progress on the whole server"),
@@ -69,6 +75,11 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     "min-ping-interval-s": (float, "GOAWAY to clients pinging more often, seconds"),
     "max-connection-age-s": (float, "close connections older than this (0: never), seconds"),
 }
+
+
+def _optional_path(value: str) -> Path | None:
+    """An empty value (`WHISPER_GRPC_TLS_CERT=` in a compose file) means unset."""
+    return Path(value) if value.strip() else None
 
 
 def _parse_bool(value: str) -> bool:
