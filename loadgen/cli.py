@@ -93,10 +93,19 @@ def _add_connection_flags(g: argparse._ArgumentGroup) -> None:
         default="unary",
         help="Recognize, or StreamingRecognize with the audio as LINEAR16 chunks [unary]",
     )
-    g.add_argument("--tls", action="store_true", help="connect with TLS")
-    g.add_argument("--ca-cert", type=Path, help="PEM roots to trust (with --tls)")
-    g.add_argument("--client-cert", type=Path, help="PEM client certificate (mutual TLS)")
-    g.add_argument("--client-key", type=Path, help="PEM key of --client-cert")
+    env = os.environ  # LOADGEN_TLS and the files below: for compose, where flags are fixed
+    g.add_argument(
+        "--tls",
+        action="store_true",
+        default=env.get("LOADGEN_TLS", "").lower() in ("1", "true", "yes", "on"),
+        help="connect with TLS [env LOADGEN_TLS]",
+    )
+    for flag, var, text in (
+        ("--ca-cert", "LOADGEN_CA_CERT", "PEM roots to trust (with --tls)"),
+        ("--client-cert", "LOADGEN_CLIENT_CERT", "PEM client certificate (mutual TLS)"),
+        ("--client-key", "LOADGEN_CLIENT_KEY", "PEM key of --client-cert"),
+    ):
+        g.add_argument(flag, type=Path, default=env.get(var) or None, help=f"{text} [env {var}]")
     g.add_argument(
         "--token-file",
         type=Path,

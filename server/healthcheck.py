@@ -117,12 +117,15 @@ def _parse_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> argparse.
         default=DEFAULT_TIMEOUT_S,
         help=f"seconds to wait for the answer (default {DEFAULT_TIMEOUT_S:g})",
     )
-    tls_default = bool(env.get("WHISPER_GRPC_TLS_CERT"))
+    tls_env = env.get("WHISPER_GRPC_HEALTH_TLS", "").strip().lower()
+    tls_default = (
+        tls_env in ("1", "true", "yes", "on") if tls_env else bool(env.get("WHISPER_GRPC_TLS_CERT"))
+    )
     parser.add_argument(
         "--tls",
         action=argparse.BooleanOptionalAction,
         default=tls_default,
-        help="speak TLS (default: on when WHISPER_GRPC_TLS_CERT is set)",
+        help="speak TLS [env WHISPER_GRPC_HEALTH_TLS; unset: on if WHISPER_GRPC_TLS_CERT is]",
     )
     parser.add_argument(
         "--ca-cert",
