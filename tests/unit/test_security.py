@@ -258,3 +258,20 @@ def test_tls_settings_go_together(tmp_path):
         Settings(tls_cert=tmp_path / "a.crt")
     with pytest.raises(SettingsError, match="mutual TLS"):
         Settings(tls_client_ca=tmp_path / "ca.crt")
+
+
+def test_security_flags_come_from_flags_and_environment(tmp_path):
+    from server.cli import parse_settings
+    from server.security import server_options
+
+    env = {"WHISPER_GRPC_TLS_CERT": "", "WHISPER_GRPC_AUTH_TOKEN_FILE": str(tmp_path / "t")}
+    s = parse_settings(["--max-streams-per-client", "3", "--metrics-host", "127.0.0.1"], env)
+    assert s.tls_cert is None  # empty (a compose default) means unset
+    assert s.auth_token_file == tmp_path / "t"
+    assert (s.max_streams_per_client, s.metrics_bind_host) == (3, "127.0.0.1")
+    options = dict(server_options(s))
+    assert options["grpc.keepalive_time_ms"] == 60_000
+    assert options["grpc.http2.max_ping_strikes"] == 2
+    assert options["grpc.max_concurrent_streams"] == 256
+    with pytest.raises(SettingsError, match="max_calls_per_client"):
+        Settings(max_calls_per_client=-1)
