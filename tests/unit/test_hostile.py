@@ -376,3 +376,19 @@ def test_sigterm_lets_open_streams_finalize_what_they_sent(served):
     assert "1.0 s of audio received were finalized" in cut.error.details()
     assert drained == [True]
     cut.release.set()
+
+
+def test_a_runaway_decode_stops_at_its_loop_and_keeps_the_phrase_once():
+    import torch
+
+    from server.models.decoder_step import DecodeSequence, GreedyRuntime
+    from tests.unit.test_continuous import TinyWhisper
+
+    runtime = GreedyRuntime(TinyWhisper(False), max_active=2)
+    tokens = [3, 7, 8] + [5, 6] * 18  # 39 tokens ending in a 2-token loop
+    seq = DecodeSequence("x", [runtime.sot], 440, "en", tokens=tokens, logprobs=[0.0] * 39)
+    scores = torch.full((1, runtime.hf.config.vocab_size), -float("inf"))
+    scores[0, 5] = 0.0  # the model goes on looping
+    runtime._choose([seq], scores)
+    assert seq.finished  # long before the 440-token limit
+    assert runtime.result(seq).tokens == (3, 7, 8, 5, 6)
