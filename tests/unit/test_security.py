@@ -275,3 +275,16 @@ def test_security_flags_come_from_flags_and_environment(tmp_path):
     assert options["grpc.max_concurrent_streams"] == 256
     with pytest.raises(SettingsError, match="max_calls_per_client"):
         Settings(max_calls_per_client=-1)
+
+
+def test_connections_beyond_the_limit_are_refused():
+    server = serve(Settings(max_connections=1))
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]
+    try:
+        first = grpc.insecure_channel(server.address, options=own_connection)
+        assert info(first).model_id == "fake"
+        second = grpc.insecure_channel(server.address, options=own_connection)
+        assert code_of(lambda: info(second)) == grpc.StatusCode.UNAVAILABLE
+        assert info(first).model_id == "fake"  # the open one goes on
+    finally:
+        server.stop()
