@@ -7,9 +7,11 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 STAMP := $(VENV)/.installed
 PORT ?= 50051
 MODEL ?= tiny.en
+# `make serve` is for one's own machine: loopback unless told (HOST=0.0.0.0); images bind all.
+HOST ?= 127.0.0.1
 
 .PHONY: install model serve test lint typecheck buf pytest protos bench bench-engines freeze clean images loadtest \
-	gpu-pack gpu-check bench-precision
+	gpu-pack gpu-check bench-precision fuzz-long soak
 
 TORCH_VERSION := 2.13.0
 # PyTorch's own index of CPU wheels: torch from the default package index is the CUDA build
@@ -41,7 +43,7 @@ model: install
 	$(PY) -m server.checkpoints.provision $(MODEL)
 
 serve: model
-	$(PY) -m server --port $(PORT) --model $(MODEL)
+	$(PY) -m server --host $(HOST) --port $(PORT) --model $(MODEL)
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -116,3 +118,20 @@ IMAGE_TAG ?= local
 images:
 	docker build -f docker/server.Dockerfile -t whisper-grpc-server:$(IMAGE_TAG) .
 	docker build -f docker/cpu.Dockerfile -t whisper-grpc-cpu:$(IMAGE_TAG) .
+
+# The long fuzz pass (make test runs a bounded one): each atheris target for FUZZ_S seconds
+# over a corpus kept in runs/fuzz-corpus/; finds land in runs/fuzz-finds/ (make each a file
+# in tests/fuzz/regressions/<target>/, which make test replays).
+FUZZ_S ?= 1800
+fuzz-long: install
+	@mkdir -p runs/fuzz-finds
+	for target in audio request; do \
+	  mkdir -p runs/fuzz-corpus/$$target; \
+	  $(PY) -m tests.fuzz.targets $$target -max_total_time=$(FUZZ_S) -max_len=65536 \
+	    -artifact_prefix=runs/fuzz-finds/$$target- runs/fuzz-corpus/$$target || exit 1; \
+	done
+
+# N minutes of mixed unary calls and real-time streams against a real server (a benchmark).
+SOAK_MINUTES ?= 30
+soak: model
+	$(PY) scripts/soak.py --dataset $(BENCH_DATASET)/test-clean --model $(MODEL) --minutes $(SOAK_MINUTES)

@@ -48,7 +48,11 @@ def make_channels(conn: Connection) -> list[grpc.Channel]:
     if conn.channels > 1:  # otherwise equal channels share one connection
         options.append(("grpc.use_local_subchannel_pool", 1))
     if conn.tls:
-        credentials = grpc.ssl_channel_credentials(root_certificates=conn.ca_pem)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=conn.ca_pem,
+            private_key=conn.client_key_pem,
+            certificate_chain=conn.client_cert_pem,
+        )
         return [
             grpc.secure_channel(conn.target, credentials, options) for _ in range(conn.channels)
         ]

@@ -37,6 +37,10 @@ class Connection:
     worker on another host does not need the file)."""
     metadata: tuple[tuple[str, str], ...] = ()
     """gRPC metadata sent with every call (keys lower-case, as gRPC requires)."""
+    client_cert_pem: bytes | None = None
+    """PEM client certificate chain for mutual TLS (the content, as `ca_pem`)."""
+    client_key_pem: bytes | None = None
+    """PEM private key of `client_cert_pem`."""
     timeout_s: float = 120.0
     """Deadline of one call, seconds."""
     channels: int = 1
@@ -208,6 +212,10 @@ def _check_connection(conn: Connection) -> None:
         raise ConfigError(f"--channels must be >= 1, not {conn.channels}")
     if conn.ca_pem is not None and not conn.tls:
         raise ConfigError("--ca-cert needs --tls")
+    if (conn.client_cert_pem is None) != (conn.client_key_pem is None):
+        raise ConfigError("--client-cert and --client-key go together")
+    if conn.client_cert_pem is not None and not conn.tls:
+        raise ConfigError("--client-cert needs --tls")
 
 
 def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
@@ -224,6 +232,21 @@ def parse_float_list(text: str, flag: str) -> tuple[float, ...]:
         return tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError as err:
         raise ConfigError(f"{flag} takes comma-separated numbers, not {text!r}") from err
+
+
+TOKEN_FILE_ENV = "LOADGEN_TOKEN_FILE"
+
+
+def bearer_metadata(token_file: Path | None) -> tuple[tuple[str, str], ...]:
+    """`authorization: Bearer <token>` from the first token line of a file (a Docker secret,
+    say), so the token never appears on a command line or in a run's summary."""
+    if token_file is None:
+        return ()
+    lines = token_file.read_text(encoding="utf-8").splitlines()
+    tokens = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if not tokens:
+        raise ConfigError(f"--token-file {token_file} holds no token")
+    return (("authorization", f"Bearer {tokens[0]}"),)
 
 
 def parse_metadata(pairs: list[str]) -> tuple[tuple[str, str], ...]:

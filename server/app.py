@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ from server.metrics import Metrics
 from server.models.base import SpeechModel
 from server.recognizer import Recognizer, SpeechGate
 from server.reflection import enable_reflection
+from server.security import Access, server_credentials, server_options
 from server.servicer import SpeechServicer
 from server.vendors import google, riva
 
@@ -42,6 +44,7 @@ SPEECH_SERVICE = asr_pb2.DESCRIPTOR.services_by_name["Speech"].full_name
 EXIT_UNRECOVERABLE = 70
 # Every speech API served, over the same recognizer: ours and the drop-in vendor ones.
 SPEECH_SERVICES = (SPEECH_SERVICE, google.SERVICE, riva.SERVICE)
+STREAM_FINAL_S = 5.0  # of the grace period, kept for the finals of streams cut at shutdown
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -89,18 +92,28 @@ class ServerHandle:
         if s.warmup:  # the engine's own caches and kernels, on top of the model's warm-up
             await batcher.warmup([1, s.max_batch_size])
         gate = SpeechGate(s.no_speech_threshold, s.silence_dbfs)
-        self.servicer.recognizer = Recognizer(model, self.batcher, s.max_audio_s, gate)
+        self.servicer.recognizer = Recognizer(
+            model, self.batcher, s.max_audio_s, gate, max_windows=s.max_queue_size
+        )
         await self.set_health(SERVING)
 
     async def drain_and_stop(self, grace_s: float) -> bool:
-        """NOT_SERVING, refuse new work, finish queued and running work, stop. True if all
+        """NOT_SERVING and refuse new calls at once; let open streams finalize the audio they
+        sent, and queued and running work finish, within the grace period; stop. True if all
         work finished within the grace period."""
+        deadline = time.monotonic() + grace_s
         await self.set_health(NOT_SERVING)
-        drained = True
+        self.servicer.draining = True
+        # Streams first, while the batcher still takes their finals: a client that half-closes
+        # within the grace gets its final as usual; near its end, the streams still open stop
+        # being read, get finals for what they sent, and end with UNAVAILABLE.
+        close_after_s = grace_s - min(STREAM_FINAL_S, grace_s / 2)
+        drained = await self.servicer.streams.wind_down(close_after_s, grace_s)
         if self.batcher is not None:
-            drained = await self.batcher.drain(grace_s)
+            left_s = max(0.0, deadline - time.monotonic())
+            drained = await self.batcher.drain(left_s) and drained
         # The batcher is empty: what's left are handlers writing their responses.
-        await self.server.stop(grace=min(grace_s, 5.0))
+        await self.server.stop(grace=max(0.0, deadline - time.monotonic()))
         if self.batcher is not None:
             await self.batcher.stop()
         self.worker.shutdown(wait=False, cancel_futures=True)
@@ -111,19 +124,13 @@ async def build_server(settings: Settings) -> ServerHandle:
     """Create (not start) a server bound to settings.host:settings.port; NOT_SERVING until
     `serve_model()`."""
     metrics = Metrics()
-    options = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
-    if settings.max_connection_age_s > 0:
-        # Clients behind a connection balancer reconnect (and so spread over the replicas)
-        # after this age; gRPC core adds ±10% jitter. Calls in flight get the grace.
-        options += [
-            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
-            ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
-        ]
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(metrics)], options=options)
+    access = Access.from_settings(settings)  # reads the token file: fails before binding
+    credentials = server_credentials(settings)
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor(metrics, access)],
+        options=server_options(settings),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
     servicer = SpeechServicer(settings, metrics)
     asr_pb2_grpc.add_SpeechServicer_to_server(servicer, server)
     google_speech_pb2_grpc.add_SpeechServicer_to_server(
@@ -135,7 +142,11 @@ async def build_server(settings: Settings) -> ServerHandle:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection((*SPEECH_SERVICES, health.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
     handle = ServerHandle(server, port, settings, servicer, health_servicer, metrics)
@@ -147,12 +158,24 @@ async def run(settings: Settings) -> int:
     """The server's main: returns the process exit code."""
     from server.models.loader import load_model  # torch is imported here, not at module load
 
-    handle = await build_server(settings)
+    try:
+        handle = await build_server(settings)
+    except (OSError, RuntimeError, ValueError) as err:  # RuntimeError: grpc's port in use
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, err)
+        return 1
     await handle.server.start()
     log.info("listening on %s:%d (NOT_SERVING until the model is warm)", settings.host, handle.port)
     if settings.metrics_port >= 0:
-        mport = handle.metrics.serve(settings.metrics_port, settings.host)
-        log.info("metrics on http://%s:%d/metrics", settings.host, mport)
+        try:
+            mport = handle.metrics.serve(settings.metrics_port, settings.metrics_bind_host)
+        except OSError as err:
+            log.error(
+                "cannot serve metrics on %s:%d: %s (--metrics-port -1 turns them off)",
+                settings.metrics_bind_host, settings.metrics_port, err.strerror or err,
+            )  # fmt: skip
+            await handle.drain_and_stop(0)
+            return 1
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_bind_host, mport)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

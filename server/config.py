@@ -114,8 +114,49 @@ class Settings:
     interim_interval_ms: int = bounded(1000, 200, 10_000)
     """Default new audio between interim re-decodes, 200..10000 ms."""
 
+    # -- security and connection limits ---------------------------------------------------
+    metrics_host: str = ""
+    """Address of the metrics endpoint; empty: the same as `host`."""
+    tls_cert: Path | None = None
+    """PEM certificate chain of the server; with `tls_key`, gRPC speaks TLS only."""
+    tls_key: Path | None = None
+    """PEM private key of `tls_cert`."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: clients must present a certificate it signed (mutual TLS)."""
+    auth_token_file: Path | None = None
+    """Bearer tokens, one per line (`#` comments): every `asr.v1` call needs
+    `authorization: Bearer <token>`; health and reflection stay open."""
+    max_calls_per_client: int = bounded(0, 0, 100_000)
+    """Concurrent calls (unary and streams) per client (its token, else its address); beyond:
+    RESOURCE_EXHAUSTED. 0: no cap (behind a proxy all clients share its address), 0..100000."""
+    max_streams_per_client: int = bounded(0, 0, 10_000)
+    """Concurrent streams per client, as above; 0: no cap, 0..10000."""
+    max_concurrent_rpcs: int = bounded(4096, 1, 1_000_000)
+    """Calls in progress on the whole server (health included); beyond, gRPC itself answers
+    RESOURCE_EXHAUSTED, 1..1000000."""
+    max_streams_per_connection: int = bounded(256, 1, 100_000)
+    """HTTP/2 streams (calls) one connection may have open; more wait on the client, 1..100000."""
+    max_connections: int = bounded(1024, 1, 100_000)
+    """Open client connections; more are refused, 1..100000."""
+    keepalive_time_s: float = bounded(60.0, 1, 86_400)
+    """The server pings a connection quiet for this long and drops it when no answer comes
+    within `keepalive_timeout_s` (dead peers free their slots), 1..86400 s."""
+    keepalive_timeout_s: float = bounded(20.0, 1, 3600)
+    """How long a keepalive ping may go unanswered, 1..3600 s."""
+    min_ping_interval_s: float = bounded(10.0, 1, 3600)
+    """Clients pinging more often than this are sent GOAWAY (ping floods), 1..3600 s."""
+
+    @property
+    def metrics_bind_host(self) -> str:
+        return self.metrics_host or self.host
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
     def __post_init__(self) -> None:
         check_bounds(self)
+        self._check_security()
         if self.max_queue_size < self.max_batch_size:
             raise SettingsError(
                 f"max_queue_size ({self.max_queue_size}) must be at least max_batch_size "
@@ -133,6 +174,12 @@ class Settings:
             raise SettingsError("model must not be empty")
         if self.device == "cpu" and self.dtype == "float16":
             raise SettingsError("dtype float16 needs a GPU; use float32 or bfloat16 on the CPU")
+
+    def _check_security(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingsError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise SettingsError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
 
     @property
     def max_message_bytes(self) -> int:

@@ -7,8 +7,10 @@ as `server.errors` exceptions and mapped to statuses by `server.interceptors`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -20,9 +22,9 @@ import server
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from server.audio import AudioFormat, Encoding
 from server.config import Settings
-from server.errors import InvalidArgumentError, UnavailableError
+from server.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError, clip
 from server.metrics import Metrics
-from server.models.base import DecodeOptions
+from server.models.base import MAX_PROMPT_BYTES, DecodeOptions
 from server.recognizer import Recognition, Recognizer, Segment, Timing
 from server.streaming import StreamEvent, StreamLimits, StreamSettings, StreamSlots, run_stream
 
@@ -35,6 +37,9 @@ _ENCODINGS = {
     Config.WAV: Encoding.WAV,
     Config.OGG: Encoding.OGG,
 }
+# Byte bounds of the text fields, checked before anything reads them (see MAX_PROMPT_BYTES).
+MAX_LANGUAGE_BYTES = 35  # the longest BCP-47 tag in practical use
+MAX_MODEL_BYTES = 256
 _TASKS = {
     Config.TASK_UNSPECIFIED: "transcribe",
     Config.TRANSCRIBE: "transcribe",
@@ -52,7 +57,11 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
     def __post_init__(self) -> None:
         self.streams = StreamSlots(self.settings.max_streams)
 
+    draining: bool = False  # set on SIGTERM: new calls are refused, open streams may finish
+
     def _ready(self) -> Recognizer:
+        if self.draining:
+            raise UnavailableError("server is shutting down; retry on another replica")
         if self.recognizer is None:
             raise UnavailableError("model is still loading; retry when health says SERVING")
         return self.recognizer
@@ -85,42 +94,55 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
         recognizer = self._ready()
-        first = await first_message(request_iterator)
-        if first is None:
-            return  # the client closed without sending anything: nothing to recognize
-        cfg = self._stream_settings(first.streaming_config, recognizer)
-        async for event in self.stream(audio_chunks(request_iterator), cfg):
-            yield _stream_response(event)
+        with self.stream_slot():
+            first = await self.first_message(request_iterator)
+            if first is None:
+                return  # the client closed without sending anything: nothing to recognize
+            cfg = self._stream_settings(first.streaming_config, recognizer)
+            async for event in self.stream(audio_chunks(request_iterator), cfg):
+                yield _stream_response(event)
+
+    @contextlib.contextmanager
+    def stream_slot(self) -> Iterator[None]:
+        """A stream holds a slot (and counts as active) from its first byte, whatever its API:
+        one that never sends its config is capped by --max-streams and timed out too."""
+        with self.streams.slot():
+            self.metrics.active_streams.inc()
+            try:
+                yield
+            finally:
+                self.metrics.active_streams.dec()
+
+    async def first_message(self, request_iterator: AsyncIterator[Any]) -> Any | None:
+        """The stream's config message, within --stream-idle-timeout-s of opening it."""
+        return await first_message(request_iterator, self.settings.stream_idle_timeout_s)
 
     async def stream(
         self, chunks: AsyncIterator[bytes], cfg: StreamSettings
     ) -> AsyncIterator[StreamEvent]:
-        """One stream in plain types: LINEAR16 chunks in, events out, under the shared stream
-        cap and metrics (asr.v1 here, the Google and Riva edges in `server.vendors`)."""
+        """One stream in plain types, inside `stream_slot()`: LINEAR16 chunks in, events out,
+        under the shared limits and metrics (asr.v1 here, the Google and Riva edges in
+        `server.vendors`)."""
         recognizer = self._ready()
         s = self.settings
+        # Options are validated (the prompt tokenized) off the event loop.
+        await asyncio.to_thread(recognizer.model.check_options, cfg.options)
         limits = StreamLimits(s.max_stream_s, s.stream_buffer_s, s.stream_idle_timeout_s)
-        with self.streams.slot():
-            self.metrics.active_streams.inc()
-            try:
-                bytes_per_s = 2 * cfg.channels * cfg.sample_rate_hz
-                events = run_stream(
-                    _counted(chunks, self.metrics, bytes_per_s),
-                    cfg,
-                    recognizer,
-                    limits,
-                    on_final=self.metrics.stream_final_seconds.observe,
-                )
-                started, interim_seen = time.monotonic(), False
-                async for event in events:
-                    if event.result and not event.result.is_final and not interim_seen:
-                        interim_seen = True
-                        self.metrics.stream_first_interim_seconds.observe(
-                            time.monotonic() - started
-                        )
-                    yield event
-            finally:
-                self.metrics.active_streams.dec()
+        bytes_per_s = 2 * cfg.channels * cfg.sample_rate_hz
+        events = run_stream(
+            _counted(chunks, self.metrics, bytes_per_s),
+            cfg,
+            recognizer,
+            limits,
+            on_final=self.metrics.stream_final_seconds.observe,
+            shutdown=self.streams.shutdown,
+        )
+        started, interim_seen = time.monotonic(), False
+        async for event in events:
+            if event.result and not event.result.is_final and not interim_seen:
+                interim_seen = True
+                self.metrics.stream_first_interim_seconds.observe(time.monotonic() - started)
+            yield event
 
     def _stream_settings(
         self, streaming: asr_pb2.StreamingRecognitionConfig, recognizer: Recognizer
@@ -214,9 +236,10 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
             )
         if config.audio_channel_count < 0 or config.max_alternatives < 0:
             raise InvalidArgumentError("audio_channel_count and max_alternatives must be >= 0")
+        _check_text_bounds(config)
         if config.model and config.model != recognizer.model.info.model_id:
             raise InvalidArgumentError(
-                f"model {config.model!r} is not served here; this server runs "
+                f"model {clip(config.model)!r} is not served here; this server runs "
                 f"{recognizer.model.info.model_id!r} (leave model empty to use it)"
             )
         if not 0.0 <= config.temperature <= 1.0:
@@ -237,8 +260,18 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
             prompt=config.initial_prompt,
             word_timestamps=config.enable_word_time_offsets,
         )
-        recognizer.model.check_options(options)
-        return fmt, options
+        return fmt, options  # the model checks options off the loop (recognizer, stream start)
+
+
+def _check_text_bounds(config: asr_pb2.RecognitionConfig) -> None:
+    for name, value, limit in (
+        ("language_code", config.language_code, MAX_LANGUAGE_BYTES),
+        ("model", config.model, MAX_MODEL_BYTES),
+        ("initial_prompt", config.initial_prompt, MAX_PROMPT_BYTES),
+    ):
+        size = len(value.encode())
+        if size > limit:
+            raise InvalidArgumentError(f"{name} is {size} bytes; at most {limit}")
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -317,11 +350,17 @@ def _response(result: Recognition) -> asr_pb2.RecognizeResponse:
     )
 
 
-async def first_message(request_iterator: AsyncIterator[Any]) -> Any | None:
-    """A stream's first message, which must carry the config; None if the client sent
-    nothing. Any API whose stream messages are a `streaming_request` oneof of
-    `streaming_config` and `audio_content` (asr.v1, Google, Riva)."""
-    first = await anext(aiter(request_iterator), None)
+async def first_message(request_iterator: AsyncIterator[Any], timeout_s: float) -> Any | None:
+    """A stream's first message, which must carry the config and come within `timeout_s`;
+    None if the client closed without sending anything. Any API whose stream messages are a
+    `streaming_request` oneof of `streaming_config` and `audio_content` (asr.v1, Google,
+    Riva)."""
+    try:
+        first = await asyncio.wait_for(anext(aiter(request_iterator), None), timeout_s)
+    except asyncio.TimeoutError:
+        raise DeadlineExceededError(
+            f"no streaming_config within {timeout_s:g} s of opening the stream"
+        ) from None
     if first is not None and first.WhichOneof("streaming_request") != "streaming_config":
         raise InvalidArgumentError(
             "the first message must carry streaming_config; audio_content comes after it"

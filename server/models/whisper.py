@@ -21,10 +21,19 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutput
 
 from server.errors import InvalidArgumentError
-from server.models.base import DecodeOptions, ModelInfo, SpeechModel, WindowResult, WindowTask, Word
+from server.models.base import (
+    MAX_PROMPT_BYTES,
+    DecodeOptions,
+    ModelInfo,
+    SpeechModel,
+    WindowResult,
+    WindowTask,
+    Word,
+)
 from server.models.device import (
     choose_dtype,
     cpu_bf16_support,
@@ -32,6 +41,7 @@ from server.models.device import (
     device_name,
     resolve_device,
 )
+from server.models.runaway import is_looping, trim_loop
 from server.models.whisper_tokens import (
     confidence,
     language_in,
@@ -45,6 +55,20 @@ log = logging.getLogger(__name__)
 SAMPLE_RATE = 16_000
 N_FRAMES = 3000  # mel frames in Whisper's 30 s window
 MAX_PROMPT_TOKENS = 223  # Whisper's decoder context is 448; the prompt may use half of it
+MAX_START_TOKENS = 4  # <|startoftranscript|>, language, task, <|notimestamps|>
+
+
+class _LoopStop(StoppingCriteria):
+    """Stops a row of `generate` whose new tokens end in a loop (see server.models.runaway)."""
+
+    def __init__(self) -> None:
+        self.start: int | None = None  # where the new tokens begin (the prompt may repeat)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> Any:
+        if self.start is None:
+            self.start = input_ids.shape[1] - 1
+        rows = input_ids[:, self.start :].tolist()
+        return torch.tensor([is_looping(r) for r in rows], device=input_ids.device)
 
 
 @dataclass(frozen=True)
@@ -109,10 +133,23 @@ class WhisperModel(SpeechModel):
                 )
         elif options.language is not None and options.language not in self.info.languages:
             raise InvalidArgumentError(f"language_code {options.language!r} is not supported")
-        if options.prompt and len(self.tokenizer.encode(" " + options.prompt.strip())) > (
-            MAX_PROMPT_TOKENS
-        ):
+        if len(options.prompt.encode()) > MAX_PROMPT_BYTES:  # before tokenizing it
+            raise InvalidArgumentError(f"initial_prompt is longer than {MAX_PROMPT_BYTES} bytes")
+        if options.prompt and len(self._prompt_ids(options.prompt)) - 1 > MAX_PROMPT_TOKENS:
             raise InvalidArgumentError(f"initial_prompt is longer than {MAX_PROMPT_TOKENS} tokens")
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        """<|startofprev|> and the prompt's tokens, as `generate` puts them before the start."""
+        return [int(i) for i in self.processor.get_prompt_ids(prompt.strip())]
+
+    def max_new_tokens_for(self, options: DecodeOptions) -> int:
+        """The decode budget of a window: the prompt and the start tokens share Whisper's
+        448-position context with what is decoded, so a prompted window decodes fewer tokens
+        (as Whisper's own decoding does: its prompt takes at most half the context)."""
+        if not options.prompt:
+            return self.max_new_tokens
+        used = len(self._prompt_ids(options.prompt)) + MAX_START_TOKENS
+        return max(1, min(self.max_new_tokens, self.model.config.max_target_positions - used))
 
     def prepare(self, samples: np.ndarray) -> np.ndarray:
         features = self.processor.feature_extractor(
@@ -176,7 +213,8 @@ class WhisperModel(SpeechModel):
         kwargs: dict[str, Any] = {
             "return_dict_in_generate": True,
             "output_scores": True,
-            "max_new_tokens": self.max_new_tokens,
+            "max_new_tokens": self.max_new_tokens_for(options),
+            "stopping_criteria": StoppingCriteriaList([_LoopStop()]),
         }
         if self.info.multilingual:
             kwargs["task"] = options.task
@@ -188,7 +226,7 @@ class WhisperModel(SpeechModel):
             kwargs["num_beams"] = options.beam_size
         if options.prompt:
             kwargs["prompt_ids"] = torch.as_tensor(
-                self.processor.get_prompt_ids(options.prompt.strip()), device=self.device
+                self._prompt_ids(options.prompt), device=self.device
             )
         if options.word_timestamps:
             kwargs["return_token_timestamps"] = True
@@ -217,6 +255,7 @@ class WhisperModel(SpeechModel):
         for row in range(batch):
             tokens = new_tokens[row].tolist()
             end = tokens.index(self._eos) if self._eos in tokens else len(tokens)
+            end = len(trim_loop(tokens[:end]))  # a runaway loop stopped by _LoopStop, once
             row_times = None
             if times is not None:
                 row_times = times[row, times.shape[1] - n_new :].float().tolist()[: end + 1]

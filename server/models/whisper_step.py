@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from server.models.base import DecodeOptions, WindowResult
 from server.models.device import device_errors
+from server.models.runaway import is_looping, trim_loop
 from server.models.whisper_tokens import (
     confidence,
     language_in,
@@ -447,6 +448,8 @@ class GreedyRuntime:
         self.active = []
 
     def result(self, seq: DecodeSequence) -> WindowResult:
+        seq.tokens = trim_loop(seq.tokens)
+        seq.logprobs = seq.logprobs[: len(seq.tokens)]
         text = self.model.tokenizer.decode(seq.tokens, skip_special_tokens=True).strip()
         return WindowResult(
             text,
@@ -478,5 +481,5 @@ class GreedyRuntime:
                 continue
             seq.tokens.append(token)
             seq.logprobs.append(logprob)
-            if len(seq.tokens) >= seq.max_new_tokens:
-                seq.finished = True
+            if len(seq.tokens) >= seq.max_new_tokens or is_looping(seq.tokens):
+                seq.finished = True  # a loop (server.models.runaway) is trimmed in result()

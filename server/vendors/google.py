@@ -23,7 +23,7 @@ from server.audio import AudioFormat, Encoding
 from server.errors import InvalidArgumentError
 from server.models.base import DecodeOptions
 from server.recognizer import Recognition, Segment
-from server.servicer import SpeechServicer, _duration, audio_chunks, first_message
+from server.servicer import SpeechServicer, _duration, audio_chunks
 from server.streaming import StreamEvent
 from server.vendors.common import (
     check_model,
@@ -114,7 +114,14 @@ class GoogleSpeechServicer(google_speech_pb2_grpc.SpeechServicer):
         request_iterator: AsyncIterator[gs.StreamingRecognizeRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[gs.StreamingRecognizeResponse]:
-        first = await first_message(request_iterator)
+        with self.core.stream_slot():  # counted and capped from the first byte, as asr.v1's
+            async for response in self._stream(request_iterator):
+                yield response
+
+    async def _stream(
+        self, request_iterator: AsyncIterator[gs.StreamingRecognizeRequest]
+    ) -> AsyncIterator[gs.StreamingRecognizeResponse]:
+        first = await self.core.first_message(request_iterator)
         if first is None:
             return
         streaming = first.streaming_config

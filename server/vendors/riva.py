@@ -19,7 +19,7 @@ from server.audio import AudioFormat, Encoding
 from server.errors import InvalidArgumentError
 from server.models.base import DecodeOptions
 from server.recognizer import Segment
-from server.servicer import SpeechServicer, audio_chunks, first_message
+from server.servicer import SpeechServicer, audio_chunks
 from server.streaming import StreamEvent
 from server.vendors.common import (
     check_model,
@@ -75,7 +75,14 @@ class RivaSpeechServicer(riva_asr_pb2_grpc.RivaSpeechRecognitionServicer):
         request_iterator: AsyncIterator[ra.StreamingRecognizeRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[ra.StreamingRecognizeResponse]:
-        first = await first_message(request_iterator)
+        with self.core.stream_slot():  # counted and capped from the first byte, as asr.v1's
+            async for response in self._stream(request_iterator):
+                yield response
+
+    async def _stream(
+        self, request_iterator: AsyncIterator[ra.StreamingRecognizeRequest]
+    ) -> AsyncIterator[ra.StreamingRecognizeResponse]:
+        first = await self.core.first_message(request_iterator)
         if first is None:
             return
         streaming = first.streaming_config

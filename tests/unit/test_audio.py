@@ -74,7 +74,7 @@ def test_real_44k_stereo_24bit_flac():
     ("content", "fmt", "message"),
     [
         (b"", AudioFormat(), "empty"),
-        (b"this is not audio at all" * 10, AudioFormat(), "not a WAV, FLAC or OGG"),
+        (b"this is not audio at all" * 10, AudioFormat(), "not a WAV, FLAC, OGG or MP3"),
         (b"\x00\x01" * 100, AudioFormat(Encoding.LINEAR16), "needs sample_rate_hertz"),
         (b"\x00\x01\x02", AudioFormat(Encoding.LINEAR16, 16_000), "not a whole number"),
         (b"\x00\x01" * 10, AudioFormat(Encoding.LINEAR16, 5_000_000), "between"),

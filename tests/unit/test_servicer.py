@@ -96,7 +96,7 @@ def test_concurrent_requests_share_batches(served, fake):
     ("config", "content", "message"),
     [
         (Config(), b"", "empty"),
-        (Config(), b"garbage bytes, not audio" * 4, "not a WAV, FLAC or OGG"),
+        (Config(), b"garbage bytes, not audio" * 4, "not a WAV, FLAC, OGG or MP3"),
         (Config(encoding=Config.LINEAR16), b"\x00\x00" * 100, "needs sample_rate_hertz"),
         (Config(encoding=Config.LINEAR16, sample_rate_hertz=16_000), b"\x00" * 3, "whole number"),
         (Config(sample_rate_hertz=-5), b"\x00\x00", "negative"),
