@@ -102,6 +102,7 @@ class MicroBatcher(Generic[In, Out]):
         self._idle = asyncio.Event()  # set while nothing is queued or running
         self._idle.set()
         self.failed: Exception | None = None  # the unrecoverable error that stopped it
+        self._current: list[_Pending[In, Out]] = []  # the batch on the worker now
 
     # -- callers -------------------------------------------------------------------------
     @property
@@ -202,8 +203,11 @@ class MicroBatcher(Generic[In, Out]):
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        for p in self._current:  # the batch on the worker when it stopped: nobody will hear
+            settle(p.future, UnavailableError("server stopped while this request was decoding"))
         for p in [*self._queue, *self._background]:
             settle(p.future, UnavailableError("server stopped before this request ran"))
+        self._current = []
         self._queue.clear()
         self._background.clear()
 
@@ -254,6 +258,7 @@ class MicroBatcher(Generic[In, Out]):
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         self._running = len(batch)
+        self._current = batch
         items = [p.item for p in batch]
         try:
             pieces = await loop.run_in_executor(self.executor, run_in_pieces, self.batch_fn, items)
@@ -262,7 +267,8 @@ class MicroBatcher(Generic[In, Out]):
             self._fail_fatal(err, batch)
             return
         finally:
-            self._running = 0
+            self._running = 0  # _current stays set if stop() cancelled us: it resolves them
+        self._current = []
         infer_s = time.monotonic() - started
         self._batches_run += 1
         queue_s = [started - p.enqueued for p in batch]

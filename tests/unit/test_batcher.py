@@ -239,3 +239,18 @@ async def test_without_announcements_the_window_closes_at_max_wait(worker):
     await asyncio.to_thread(fn.entered.wait, 10)  # it ran alone, without waiting
     assert (await first).value == 10 and fn.batches == [[1]]
     await b.stop()
+
+
+async def test_stop_resolves_the_batch_that_is_running(worker):
+    """A batch on the worker when the batcher stops: its callers hear UNAVAILABLE at once
+    instead of waiting on futures nobody will set."""
+    fn = Recorder()
+    fn.gate.clear()
+    b = make(fn, worker, size=2, wait_ms=0)
+    running = b.enqueue([1, 2])
+    await _started(fn)  # the batch is on the worker, held at the gate
+    await b.stop()
+    for fut in running:
+        with pytest.raises(UnavailableError, match="while this request was decoding"):
+            await asyncio.wait_for(fut, 5)
+    fn.gate.set()
