@@ -102,7 +102,9 @@ def _parse_args(argv: Sequence[str] | None, env: Mapping[str, str]) -> argparse.
         description="Exit 0 if a whisper-grpc server reports SERVING on grpc.health.v1, else 1.",
     )
     parser.add_argument(
-        "--address",
+        "--target",
+        "--address",  # the old name, kept
+        dest="address",
         default=default_address(env),
         help=f"HOST:PORT of the server (default 127.0.0.1:${PORT_ENV} or 127.0.0.1:50051)",
     )

@@ -331,7 +331,7 @@ def test_load_generator_waits_for_the_servers_health(services: Services) -> None
     assert probe[:4] == ["CMD", "python", "-m", "server.healthcheck"]
     target = command_option(master["command"], "--target")
     assert target == "server:50051"  # the network name every single server has
-    assert command_option(probe, "--address") == target
+    assert command_option(probe, "--target") == target
     dataset = command_option(master["command"], "--dataset")
     assert command_option(worker["command"], "--dataset") == dataset  # the master checks it
     assert "--master" in master["command"] and "--worker" in worker["command"]
