@@ -381,8 +381,8 @@ def test_sigterm_lets_open_streams_finalize_what_they_sent(served):
 
 def test_a_runaway_decode_stops_at_its_loop_and_keeps_the_phrase_once():
     import torch
-    from server.models.whisper_step import DecodeSequence, GreedyRuntime
 
+    from server.models.whisper_step import DecodeSequence, GreedyRuntime
     from tests.unit.test_continuous import TinyWhisper
 
     runtime = GreedyRuntime(TinyWhisper(False), max_active=2)
