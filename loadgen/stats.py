@@ -465,7 +465,7 @@ def _split_means(records: Sequence[Record]) -> dict[str, float]:
     for name in SPLIT:
         values = [getattr(r, f"{name}_ms") for r in records]
         out[name] = _mean([0.0 if math.isnan(v) else v for v in values])
-    out["network"] = _mean([r.latency_ms - r.server_ms for r in records])
+    out["network"] = _mean([r.metric_ms - r.server_ms for r in records])
     return out
 
 
