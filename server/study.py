@@ -198,7 +198,7 @@ def study_plot(path: Path, facts: dict[str, Any], rows: Sequence[StudyRow]) -> P
     if sizes and max(sizes) / min(sizes) >= 4:
         ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(b) for b in sizes])
-    label, device = facts.get("label"), facts.get("device_name")
+    label, device = str(facts.get("label")), str(facts.get("device_name"))
     title = f"{label + ': ' if label != device else ''}{device}, {facts.get('dtype')}"
     ax.set(xlabel="batch size (server: requests in flight)", ylabel="time per file (ms)",
            title=title)  # fmt: skip

@@ -130,18 +130,20 @@ def test_sweep_closed_and_open_loop(real_server, tmp_path: Path):
 
 
 def test_stream_mode_with_stability_windows(real_server, tmp_path: Path):
-    """--mode stream against a server that streams, measured with --stability (capped)."""
+    """--mode stream replayed as fast as the server reads (--pace max), measured with
+    --stability (capped): the windows compare the final lag."""
     require_data()
     out = tmp_path / "stream"
     result = loadgen(
         "run", "--target", real_server.address, "--mode", "stream",
         "--dataset", str(LIBRISPEECH / "test-clean"), "--limit", "3",
-        "--concurrency", "2", "--warmup", "0", "--out", str(out),
+        "--streams", "2", "--pace", "max", "--warmup", "0", "--out", str(out),
         "--stability", "--duration", "2", "--max-windows", "3",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     (row,) = read_csv(out / "summary.csv")
-    assert int(row["requests"]) >= 2 and int(row["errors"]) == 0, row
+    assert int(row["utterances"]) >= 2 and int(row["errors"]) == 0, row
+    assert row["behind_streams"] == "0", row  # no schedule to fall behind
     assert float(row["wer"]) < WER_BOUND, row
     assert row["windows"] == "3" and row["stable"] in ("true", "false")
     assert row["stability"].endswith(")") and "after 3 windows (goodput ±" in row["stability"]
