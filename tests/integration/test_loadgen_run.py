@@ -227,7 +227,7 @@ def test_stream_mode_is_rejected_when_the_server_lacks_it(unary_only_server: str
     out = tmp_path / "rejected"
     result = loadgen(
         "run", "--target", unary_only_server, "--mode", "stream",
-        "--dataset", str(LIBRISPEECH / "test-clean"), "--concurrency", "1",
+        "--dataset", str(LIBRISPEECH / "test-clean"), "--streams", "1",
         "--duration", "1", "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-4000:]

@@ -135,9 +135,15 @@ def write_stream_run(folder: Path, label: str, price: float, lags: dict[int, flo
         for n, lag in lags.items()
     ]  # fmt: skip
     folder.mkdir(parents=True)
-    meta = {"label": label, "mode": "stream", "price_per_hour": price, "levels": levels,
-            "server_info": {"model_id": "tiny.en", "dtype": "float32"},
-            "dataset": {"fingerprint": "f"}, "settings": {"pace": 1.0, "chunk_ms": 100}}  # fmt: skip
+    meta = {
+        "label": label,
+        "mode": "stream",
+        "price_per_hour": price,
+        "levels": levels,
+        "server_info": {"model_id": "tiny.en", "dtype": "float32"},
+        "dataset": {"fingerprint": "f"},
+        "settings": {"pace": 1.0, "chunk_ms": 100},
+    }
     (folder / "summary.json").write_text(json.dumps(meta))
     return folder
 
@@ -166,9 +172,9 @@ def test_compare_checks_stream_runs_against_stream_runs_only(tmp_path: Path):
     (b / "summary.json").write_text(json.dumps(meta))
     unary = tmp_path / "u"
     unary.mkdir()
-    (unary / "summary.json").write_text(json.dumps({"label": "t4-files", "mode": "unary",
-                                                    "levels": [], "settings": {"pace": None}}))  # fmt: skip
-    with pytest.raises(Exception, match="--pace differs: t4=1.0, a100=2.0"):
+    files = {"label": "t4-files", "mode": "unary", "levels": [], "settings": {"pace": None}}
+    (unary / "summary.json").write_text(json.dumps(files))
+    with pytest.raises(Exception, match=r"--pace differs: t4=1\.0, a100=2\.0"):
         write_compare(tmp_path / "x", [load_run(a), load_run(b)], None)
     rows, _ = write_compare(tmp_path / "y", [load_run(a), load_run(unary)], None)
     assert [r.label for r in rows] == ["t4"]  # the unary run has no levels: no row, no refusal

@@ -3,6 +3,7 @@ send times), Riva-style latencies, attribution to utterances, flicker, falling b
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -51,7 +52,7 @@ def test_real_time_pace_sends_n_seconds_of_audio_over_n_seconds():
     sent = stream.sent
     assert sent[0] == stream.t0 == 100.0
     assert sent[-1] - sent[0] == pytest.approx(2.9)  # chunk k goes out at k * 100 ms
-    assert [b - a for a, b in zip(sent, sent[1:], strict=False)] == pytest.approx([0.1] * 29)
+    assert [b - a for a, b in itertools.pairwise(sent)] == pytest.approx([0.1] * 29)
     assert stream.lateness_s() == pytest.approx([0.0] * 30)
     assert not behind(stream, 0.5)
 
