@@ -197,13 +197,20 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         channels=args.channels,
         mode=args.mode,
     )
+    concurrency = parse_int_list(args.concurrency, "--concurrency")
+    streams = parse_int_list(args.streams, "--streams")
+    if args.mode == "stream" and concurrency and not streams:
+        # Deployments pass --concurrency whatever the mode (compose, Kubernetes): in stream
+        # mode its levels are the numbers of concurrent live streams.
+        log.info("--mode stream: the --concurrency levels %s are live streams", concurrency)
+        concurrency, streams = (), concurrency
     return RunConfig(
         connection=connection,
         dataset=args.dataset,
         out=args.out,
-        concurrency=parse_int_list(args.concurrency, "--concurrency"),
+        concurrency=concurrency,
         rates=parse_float_list(args.rate, "--rate"),
-        streams=parse_int_list(args.streams, "--streams"),
+        streams=streams,
         pace=_pace(args.pace),
         chunk_ms=args.chunk_ms,
         utterances=args.utterances,

@@ -96,6 +96,12 @@ class SpeechClient:
         self._worker = worker
         self._requests: dict[str, asr_pb2.RecognizeRequest] = {}
         self._pcm: dict[str, tuple[bytes, int]] = {}
+        if conn.mode == "stream":
+            # Streams score each final as it arrives: load the normalizer (transformers, a
+            # second or two) now, not on the event loop while other streams are being paced.
+            from server.evaluation import normalize
+
+            normalize("warm up")
 
     def call(self, item: Item, start_perf: float, sent_ts: float, late_ms: float = 0.0) -> None:
         """One Recognize call; latency counts from start_perf (the scheduled time in open loop)."""

@@ -206,7 +206,7 @@ class RunConfig:
         if self.connection.mode == "stream" and (self.concurrency or self.rates):
             raise ConfigError(
                 "--mode stream takes its levels from --streams N,N,... (live streams, paced "
-                "by --pace), not --concurrency or --rate"
+                "by --pace), not --rate, nor --concurrency beside --streams"
             )
         if self.streams and self.connection.mode != "stream":
             raise ConfigError("--streams needs --mode stream")

@@ -98,6 +98,12 @@ def args(*flags: str):
     )
 
 
+def test_stream_mode_reads_concurrency_as_streams_for_deployments_that_always_pass_it():
+    config = run_config(args("--mode", "stream", "--concurrency", "1,2"))
+    assert config.streams == (1, 2) and config.concurrency == ()
+    assert [p.mode for p in config.levels()] == ["stream", "stream"]
+
+
 def test_stream_flags_build_stream_plans():
     config = run_config(args("--mode", "stream", "--streams", "1,4", "--pace", "max",
                              "--chunk-ms", "200", "--utterances", "2"))  # fmt: skip
@@ -110,7 +116,8 @@ def test_stream_flags_build_stream_plans():
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--mode", "stream", "--concurrency", "2"], "--mode stream takes its levels"),
+        (["--mode", "stream", "--streams", "1", "--concurrency", "2"], "--mode stream takes"),
+        (["--mode", "stream", "--rate", "2"], "--mode stream takes its levels"),
         (["--streams", "2"], "--streams needs --mode stream"),
         (["--mode", "stream", "--streams", "0"], "--streams values must be >= 1"),
         (["--mode", "stream", "--streams", "1", "--pace", "0"], "--pace takes"),
