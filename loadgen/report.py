@@ -422,7 +422,7 @@ def stream_plots(out: Path, results: Sequence[LevelResult], label: str) -> list[
     lag = Panel(
         "final lag against streams",
         XLABEL["stream"],
-        "final lag (ms): final's arrival - send of its last chunk",
+        "final lag (ms)",
         [
             Series("p50", xs, [s.final_lag_p50_ms for s in rows]),
             Series("p90", xs, [s.final_lag_p90_ms for s in rows]),
