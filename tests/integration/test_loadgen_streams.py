@@ -190,3 +190,33 @@ def test_a_stream_level_across_a_master_and_a_worker(short_split: Path, tmp_path
         records = [r for r in csv.DictReader(f) if r["phase"] == "measure"]
     assert {r["stream"].split(":")[0] for r in records} == {"w0"}
     assert all(r["interim_ms"] for r in records)  # the interims travelled with the records
+
+
+def test_several_utterances_per_stream_each_get_their_final(short_split: Path, tmp_path: Path):
+    """--utterances 2: two files with silence between them in one stream; the server's
+    endpointer finalizes each, and each final is attributed to its own utterance."""
+    server = EmbeddedServer(Settings(max_batch_size=4, max_wait_ms=5), FakeModel()).start()
+    out = tmp_path / "two"
+    try:
+        result = loadgen(
+            "run", "--target", server.address, "--dataset", str(short_split), "--mode", "stream",
+            "--streams", "1", "--utterances", "2", "--pace", "4", "--duration", "3",
+            "--warmup", "0", "--out", str(out),
+        )  # fmt: skip
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = read_csv(out / "records.csv")
+    by_stream: dict[str, list[dict[str, str]]] = {}
+    for r in records:
+        by_stream.setdefault(r["stream"], []).append(r)
+    assert by_stream and all(len(rs) == 2 for rs in by_stream.values()), by_stream
+    for first, second in by_stream.values():
+        assert first["status"] == second["status"] == "OK"
+        assert first["item_id"] != second["item_id"]
+        assert first["transcript"].startswith("n=") and second["transcript"].startswith("n=")
+        # The second utterance starts after the first and the gap (1.5 s of audio at pace 4).
+        assert (
+            float(second["sent_ts"]) - float(first["sent_ts"])
+            >= (float(first["audio_s"]) + 1.5) / 4 - 0.1
+        )
