@@ -602,7 +602,7 @@ _STYLE = (
     "th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}"
     "th{background:#f4f4f4;white-space:normal;vertical-align:bottom;max-width:5.5em}"
     "td:first-child,th:first-child{text-align:left}"
-    "table.meta td{text-align:left}table.meta td:first-child{font-weight:600}"
+    "table.meta td{text-align:left;white-space:normal}table.meta td:first-child{font-weight:600}"
     "details{margin:0.6em 0}details>div{overflow-x:auto}"
     ".warn{background:#fff3cd;border:1px solid #e0c060;padding:0.4em 1em}"
     ".note{color:#555;font-size:13px}"
