@@ -27,15 +27,15 @@ from tests.integration.test_loadgen_run import loadgen, read_csv
 
 @pytest.fixture(scope="module")
 def short_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Four test-clean utterances of 2.5-7 s, in LibriSpeech's layout: a real-time
-    sweep over them stays short."""
+    """Four test-clean utterances of 3-11 s (each long enough for an interim before its
+    end), in LibriSpeech's layout: a real-time sweep over them stays short."""
     require_data()
     picked = []
     for trans in sorted((LIBRISPEECH / "test-clean").rglob("*.trans.txt")):
         for line in trans.read_text().splitlines():
             uid, _, text = line.partition(" ")
             audio = trans.parent / f"{uid}.flac"
-            if audio.is_file() and 2.5 <= sf.info(audio).duration <= 7.0:
+            if audio.is_file() and 3.0 <= sf.info(audio).duration <= 11.0:
                 picked.append((audio, text))
     picked = sorted(picked, key=lambda p: p[0].name)[:4]
     root = tmp_path_factory.mktemp("short") / "test-clean"
@@ -84,7 +84,9 @@ def test_two_level_real_time_stream_sweep(real_server, short_split: Path, tmp_pa
         assert float(row["final_lag_p50_ms"]) <= float(row["final_lag_p99_ms"]), row
         assert float(row["final_lag_p99_ms"]) <= float(row["final_lag_max_ms"]), row
         assert float(row["first_interim_p50_ms"]) > 0 and float(row["interim_p50_ms"]) > 0, row
-        assert float(row["flicker_words"]) >= 0 and float(row["audio_s_per_s"]) > 0, row
+        # Goodput counts utterances whose final came back in the 5 s window: a long one may
+        # not have, so the RTFx may be 0 at one stream; it is never missing.
+        assert float(row["flicker_words"]) >= 0 and float(row["audio_s_per_s"]) >= 0, row
     records = [r for r in read_csv(out / "records.csv") if r["status"] == "OK"]
     assert records and {r["status"] for r in read_csv(out / "records.csv")} == {"OK"}
     for r in records:
@@ -92,6 +94,7 @@ def test_two_level_real_time_stream_sweep(real_server, short_split: Path, tmp_pa
         # Real time: the final cannot come before the last chunk, sent (audio - 100 ms) after
         # the first; the first interim comes while the utterance is still being spoken.
         assert float(r["latency_ms"]) >= audio_ms - 100, r
+        assert r["first_interim_ms"], f"no interim before the final: {r}"
         assert float(r["first_interim_ms"]) < audio_ms, r
         assert float(r["final_lag_ms"]) > 0 and r["stream"].startswith("local:"), r
     stream_wer = word_error_rate(
