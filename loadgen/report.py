@@ -648,7 +648,10 @@ def run_facts(meta: dict[str, Any]) -> list[tuple[str, Any]]:
                 f"{settings.get('behind_ms')} ms"
             )
     return [
-        ("target", f"{meta.get('target', '')} ({meta.get('mode', '')})"),
+        (
+            "target",
+            f"{meta.get('target', '')} ({meta.get('mode', '')}, api {meta.get('api', 'asr')})",
+        ),
         ("GPU / device", f"{info.get('device_name', '')} ({info.get('device', '')})"),
         ("model, dtype", f"{info.get('model_id', '')}, {info.get('dtype', '')}"),
         ("batching", batching),

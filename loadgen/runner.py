@@ -219,7 +219,7 @@ def probe_server(conn: Connection, wait_ready_s: float) -> dict[str, Any]:
     """Wait for SERVING, read GetServerInfo, check the mode is supported."""
     channel = make_channels(dataclasses.replace(conn, channels=1))[0]
     try:
-        wait_until_serving(channel, wait_ready_s)
+        wait_until_serving(channel, wait_ready_s, conn.api)
         info = server_info(channel, conn)
         check_mode_supported(channel, conn)
     finally:
@@ -397,6 +397,7 @@ def run_metadata(
         "target": conn.target,
         "tls": conn.tls,
         "mode": conn.mode,
+        "api": conn.api,
         "label": config.label or info.get("device_name") or conn.target,
         "price_per_hour": config.price_per_hour,
         "server_info": info,

@@ -8,7 +8,7 @@ Configurations: in-process references, transformers `generate` on batches of 1 a
 --max-batch-size with feature extraction included (as `server.bench`; a file's latency is its
 batch's time); and for each concurrency c, a real gRPC server on loopback with
 `--engine generate` (MicroBatcher + WhisperModel.run_batch) and one with `--engine continuous`
-(server.models.continuous), speech gates off, driven by c asyncio gRPC clients that each send
+(server.batching.continuous), speech gates off, driven by c asyncio gRPC clients that each send
 the next FLAC file when the last one returns. At concurrency 1 the configurations take turns
 file by file; at higher levels block by block (`run_all`), so the load of other processes on a
 shared machine falls on all of them alike. Then the ratios of the targets, and the transcripts of
@@ -322,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     import transformers
 
-    from server.models.provision import resolve_model
+    from server.checkpoints.provision import resolve_model
     from server.models.whisper import WhisperModel
 
     torch.set_num_threads(args.threads)

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(unpack(args.pack, args.out))
         return 0
     sys.path.insert(0, str(ROOT))
-    from server.models.provision import resolve_model
+    from server.checkpoints.provision import resolve_model
 
     resolved = resolve_model(args.model, Path.home() / ".cache" / "whisper-grpc")
     assert resolved.local_path is not None

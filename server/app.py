@@ -1,6 +1,7 @@
 """Server assembly and lifecycle.
 
-`build_server()` wires a gRPC server (Speech, health, reflection, the error interceptor) and
+`build_server()` wires a gRPC server (Speech, the Google and Riva drop-ins of `server.vendors`,
+health, reflection, the error interceptor) and
 returns a handle with the bound port, so tests can run a real server on port 0 in-process.
 `run()` is the production path: start listening with health NOT_SERVING, load and warm the
 model on the model worker thread, switch to SERVING, wait for SIGTERM/SIGINT, then drain:
@@ -14,29 +15,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
-from server.batcher import WindowBatcher
+from asr.vendors import google_speech_pb2_grpc, riva_asr_pb2_grpc
+from server.batching import build_batcher
+from server.batching.base import WindowBatcher
 from server.config import Settings
-from server.engines import build_batcher
 from server.interceptors import ErrorInterceptor
 from server.metrics import Metrics
 from server.models.base import SpeechModel
 from server.recognizer import Recognizer, SpeechGate
+from server.reflection import enable_reflection
+from server.security import Access, server_credentials, server_options
 from server.servicer import SpeechServicer
+from server.vendors import google, riva
 
 log = logging.getLogger(__name__)
 
 SPEECH_SERVICE = asr_pb2.DESCRIPTOR.services_by_name["Speech"].full_name
 # Exit status after an unrecoverable error (EX_SOFTWARE): the orchestrator restarts the pod.
 EXIT_UNRECOVERABLE = 70
+# Every speech API served, over the same recognizer: ours and the drop-in vendor ones.
+SPEECH_SERVICES = (SPEECH_SERVICE, google.SERVICE, riva.SERVICE)
+STREAM_FINAL_S = 5.0  # of the grace period, kept for the finals of streams cut at shutdown
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -70,7 +78,7 @@ class ServerHandle:
         self.failed.set()
 
     async def set_health(self, status: int) -> None:
-        for service in ("", SPEECH_SERVICE):
+        for service in ("", *SPEECH_SERVICES):
             await self.health.set(service, status)  # type: ignore[arg-type]
 
     async def serve_model(self, model: SpeechModel) -> None:
@@ -80,26 +88,32 @@ class ServerHandle:
         self.batcher = batcher
         batcher.start()
         self.metrics.queue_depth.set_function(lambda: batcher.depth)
-        if batcher.engine == "continuous":
-            from server.models.continuous import ContinuousEngine  # build_batcher imported it
-
-            assert isinstance(batcher, ContinuousEngine)
-            self.metrics.watch_engine(batcher.stats)
-            if s.warmup:  # its slot caches and step kernels, on top of the model's warm-up
-                await batcher.warmup([1, s.max_batch_size])
+        self.metrics.watch_engine(batcher.stats)
+        if s.warmup:  # the engine's own caches and kernels, on top of the model's warm-up
+            await batcher.warmup([1, s.max_batch_size])
         gate = SpeechGate(s.no_speech_threshold, s.silence_dbfs)
-        self.servicer.recognizer = Recognizer(model, self.batcher, s.max_audio_s, gate)
+        self.servicer.recognizer = Recognizer(
+            model, self.batcher, s.max_audio_s, gate, max_windows=s.max_queue_size
+        )
         await self.set_health(SERVING)
 
     async def drain_and_stop(self, grace_s: float) -> bool:
-        """NOT_SERVING, refuse new work, finish queued and running work, stop. True if all
+        """NOT_SERVING and refuse new calls at once; let open streams finalize the audio they
+        sent, and queued and running work finish, within the grace period; stop. True if all
         work finished within the grace period."""
+        deadline = time.monotonic() + grace_s
         await self.set_health(NOT_SERVING)
-        drained = True
+        self.servicer.draining = True
+        # Streams first, while the batcher still takes their finals: a client that half-closes
+        # within the grace gets its final as usual; near its end, the streams still open stop
+        # being read, get finals for what they sent, and end with UNAVAILABLE.
+        close_after_s = grace_s - min(STREAM_FINAL_S, grace_s / 2)
+        drained = await self.servicer.streams.wind_down(close_after_s, grace_s)
         if self.batcher is not None:
-            drained = await self.batcher.drain(grace_s)
+            left_s = max(0.0, deadline - time.monotonic())
+            drained = await self.batcher.drain(left_s) and drained
         # The batcher is empty: what's left are handlers writing their responses.
-        await self.server.stop(grace=min(grace_s, 5.0))
+        await self.server.stop(grace=max(0.0, deadline - time.monotonic()))
         if self.batcher is not None:
             await self.batcher.stop()
         self.worker.shutdown(wait=False, cancel_futures=True)
@@ -110,27 +124,29 @@ async def build_server(settings: Settings) -> ServerHandle:
     """Create (not start) a server bound to settings.host:settings.port; NOT_SERVING until
     `serve_model()`."""
     metrics = Metrics()
-    options = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
-    if settings.max_connection_age_s > 0:
-        # Clients behind a connection balancer reconnect (and so spread over the replicas)
-        # after this age; gRPC core adds ±10% jitter. Calls in flight get the grace.
-        options += [
-            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
-            ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
-        ]
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(metrics)], options=options)
+    access = Access.from_settings(settings)  # reads the token file: fails before binding
+    credentials = server_credentials(settings)
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor(metrics, access)],
+        options=server_options(settings),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
     servicer = SpeechServicer(settings, metrics)
     asr_pb2_grpc.add_SpeechServicer_to_server(servicer, server)
+    google_speech_pb2_grpc.add_SpeechServicer_to_server(
+        google.GoogleSpeechServicer(servicer), server
+    )
+    riva_asr_pb2_grpc.add_RivaSpeechRecognitionServicer_to_server(
+        riva.RivaSpeechServicer(servicer), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SPEECH_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    enable_reflection((*SPEECH_SERVICES, health.SERVICE_NAME), server)
+    address = f"{settings.host}:{settings.port}"
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
     handle = ServerHandle(server, port, settings, servicer, health_servicer, metrics)
@@ -142,12 +158,24 @@ async def run(settings: Settings) -> int:
     """The server's main: returns the process exit code."""
     from server.models.loader import load_model  # torch is imported here, not at module load
 
-    handle = await build_server(settings)
+    try:
+        handle = await build_server(settings)
+    except (OSError, RuntimeError, ValueError) as err:  # RuntimeError: grpc's port in use
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, err)
+        return 1
     await handle.server.start()
     log.info("listening on %s:%d (NOT_SERVING until the model is warm)", settings.host, handle.port)
     if settings.metrics_port >= 0:
-        mport = handle.metrics.serve(settings.metrics_port, settings.host)
-        log.info("metrics on http://%s:%d/metrics", settings.host, mport)
+        try:
+            mport = handle.metrics.serve(settings.metrics_port, settings.metrics_bind_host)
+        except OSError as err:
+            log.error(
+                "cannot serve metrics on %s:%d: %s (--metrics-port -1 turns them off)",
+                settings.metrics_bind_host, settings.metrics_port, err.strerror or err,
+            )  # fmt: skip
+            await handle.drain_and_stop(0)
+            return 1
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_bind_host, mport)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

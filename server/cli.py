@@ -27,7 +27,10 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     "port": (int, "gRPC port (0: any free port)"),
     "model": (str, "built-in name (tiny.en, base), local checkpoint dir, or hub id"),
     "device": (str, "auto, cpu, cuda, cuda:N"),
-    "dtype": (str, "auto (fp16 on GPU, fp32 on CPU), float32, float16, bfloat16"),
+    "dtype": (
+        str,
+        "auto (fp16 on GPU, bf16 on CPUs with native bf16, else fp32), float32, float16, bfloat16",
+    ),
     "engine": (str, "continuous (decoder steps shared by all windows in flight) or generate"),
     "max-batch-size": (int, "most 30 s windows per model call (continuous: per encoder pass)"),
     "max-active": (int, "continuous engine: most windows decoding at once"),
@@ -55,7 +58,32 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     "stream-idle-timeout-s": (float, "a stream silent on the wire this long ends, seconds"),
     "endpoint-silence-ms": (int, "default silence after speech that ends an utterance, ms"),
     "interim-interval-ms": (int, "default new audio between interim re-decodes, ms"),
+    # security and connection limits
+    "metrics-host": (str, "address of the metrics endpoint (empty: --host)"),
+    "tls-cert": (lambda v: _optional_path(v), "PEM certificate chain: serve TLS (with --tls-key)"),
+    "tls-key": (lambda v: _optional_path(v), "PEM private key of --tls-cert"),
+    "tls-client-ca": (
+        lambda v: _optional_path(v),
+        "PEM CA bundle: require client certificates it signed (mTLS)",
+    ),
+    "auth-token-file": (
+        lambda v: _optional_path(v),
+        "bearer tokens, one per line: asr.v1 calls need one",
+    ),
+    "max-calls-per-client": (int, "concurrent calls per client (token or address); 0: no cap"),
+    "max-streams-per-client": (int, "concurrent streams per client; 0: no cap"),
+    "max-concurrent-rpcs": (int, "calls in progress on the whole server"),
+    "max-streams-per-connection": (int, "HTTP/2 streams open per connection"),
+    "max-connections": (int, "open client connections"),
+    "keepalive-time-s": (float, "ping a connection quiet this long, seconds"),
+    "keepalive-timeout-s": (float, "drop a connection whose ping goes unanswered this long"),
+    "min-ping-interval-s": (float, "GOAWAY to clients pinging more often, seconds"),
 }
+
+
+def _optional_path(value: str) -> Path | None:
+    """An empty value (`WHISPER_GRPC_TLS_CERT=` in a compose file) means unset."""
+    return Path(value) if value.strip() else None
 
 
 def _parse_bool(value: str) -> bool:

@@ -9,6 +9,15 @@ from __future__ import annotations
 
 import grpc
 
+MAX_ECHO_CHARS = 64  # a client's value quoted in an error message is cut to this
+
+
+def clip(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """`value` as text for an error message, cut to `limit` characters: a 1 MB field must not
+    come back as a 1 MB status message (gRPC refuses metadata that large)."""
+    text = value if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
 
 class AsrError(Exception):
     """Base of every error the server reports to a client on purpose."""
@@ -58,6 +67,14 @@ class UnimplementedError(AsrError):
     """The rpc or option is declared but not implemented by this server."""
 
 
+class UnauthenticatedError(AsrError):
+    """The call carries no valid bearer token (with `--auth-token-file`)."""
+
+
+class ClientLimitError(QueueFullError):
+    """One client has more calls or streams open than its share (per-client caps)."""
+
+
 # Checked in order: the first matching class wins, so subclasses come before their bases.
 STATUS_BY_ERROR: tuple[tuple[type[AsrError], grpc.StatusCode], ...] = (
     (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -67,6 +84,7 @@ STATUS_BY_ERROR: tuple[tuple[type[AsrError], grpc.StatusCode], ...] = (
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (UnimplementedError, grpc.StatusCode.UNIMPLEMENTED),
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
     (BatchError, grpc.StatusCode.INTERNAL),
 )
 

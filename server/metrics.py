@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.batcher import BatchStats
+from server.batching.base import BatchStats
 
 # Latency buckets from 5 ms to 2 min: CPU tiny.en and GPU large-v3 both land inside. Tens of
 # milliseconds apart below a second, so a GPU's p99 (a few hundred ms) is read from buckets
@@ -112,6 +112,8 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats()
+        if s is None:  # an engine without decode counters (the generate engine)
+            return
         yield GaugeMetricFamily(
             "asr_decode_active_sequences", "Windows in the running decode batch.", s.active
         )

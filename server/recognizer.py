@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from server.audio import SAMPLE_RATE, AudioFormat, Window, decode, split_windows
-from server.batcher import Batched, WindowBatcher
+from server.batching.base import Batched, WindowBatcher
+from server.errors import InvalidArgumentError
 from server.models.base import DecodeOptions, SpeechModel, WindowResult, WindowTask, Word
 
 
@@ -37,13 +38,15 @@ class SpeechGate:
 
 
 def loudest_frame_dbfs(samples: np.ndarray, frame: int = 320) -> float:
-    """Level of the loudest 20 ms frame, in dB relative to full scale."""
+    """Level of the loudest 20 ms frame, in dB relative to full scale. A constant offset (DC)
+    is not sound: each frame's mean is taken out first, so a file of constant samples is
+    silence, not 600 s of loud audio for the decoder to hallucinate over."""
     n = len(samples) // frame
     if n == 0:
-        rms = float(np.sqrt(np.mean(np.square(samples)))) if len(samples) else 0.0
+        rms = float(np.std(samples)) if len(samples) else 0.0
     else:
         frames = samples[: n * frame].reshape(n, frame)
-        rms = float(np.sqrt(np.square(frames).mean(axis=1)).max())
+        rms = float(frames.std(axis=1).max())
     return 20 * float(np.log10(rms + 1e-10))
 
 
@@ -95,11 +98,14 @@ class Recognizer:
         batcher: WindowBatcher,
         max_audio_s: float,
         gate: SpeechGate | None = None,
+        max_windows: int | None = None,
     ) -> None:
         self.model = model
         self.batcher = batcher
         self.max_audio_s = max_audio_s
         self.gate = gate or SpeechGate()
+        # The most windows one request may queue (the queue's size): more can never fit.
+        self.max_windows = max_windows
 
     async def recognize(
         self,
@@ -109,12 +115,18 @@ class Recognizer:
         deadline: float | None = None,
     ) -> Recognition:
         started = time.monotonic()
-        self.model.check_options(options)
         with self.batcher.preparing():
-            samples = await asyncio.to_thread(decode, content, fmt, self.max_audio_s)
-            windows = split_windows(samples)
-            tasks = await asyncio.to_thread(self._tasks, self._voiced(windows), options)
+            samples, windows = await asyncio.to_thread(self._decode, content, fmt, options)
+            tasks = await asyncio.to_thread(self._tasks, windows, options)
         return await self._run(samples, windows, tasks, options, deadline, started)
+
+    def _decode(
+        self, content: bytes, fmt: AudioFormat, options: DecodeOptions
+    ) -> tuple[np.ndarray, list[Window]]:
+        """Options first (cheap to refuse), then the audio; in a thread, off the loop."""
+        self.model.check_options(options)
+        samples = decode(content, fmt, self.max_audio_s)
+        return samples, split_windows(samples)
 
     async def recognize_samples(
         self,
@@ -129,8 +141,8 @@ class Recognizer:
         in the result are shifted by `offset_s`. `background` work (interim re-decodes) is
         batched after everything else."""
         started = time.monotonic() if started is None else started
-        windows = split_windows(samples)
-        tasks = await asyncio.to_thread(self._tasks, self._voiced(windows), options)
+        windows = await asyncio.to_thread(split_windows, samples)
+        tasks = await asyncio.to_thread(self._tasks, windows, options)
         return await self._run(
             samples, windows, tasks, options, deadline, started, offset_s, background
         )
@@ -177,6 +189,14 @@ class Recognizer:
     def _tasks(
         self, windows: list[Window], options: DecodeOptions
     ) -> list[tuple[Window, WindowTask]]:
+        """The voiced windows' model inputs (an RMS pass and features: in a thread)."""
+        windows = self._voiced(windows)
+        if self.max_windows is not None and len(windows) > self.max_windows:
+            raise InvalidArgumentError(
+                f"this audio needs {len(windows)} windows of up to 30 s and this server queues "
+                f"at most {self.max_windows} per request: send shorter audio (it will never "
+                "fit, whatever the load)"
+            )
         # A draft is of the window the audio starts with, no other.
         rest = dataclasses.replace(options, draft=()) if options.draft else options
         return [

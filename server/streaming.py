@@ -34,7 +34,12 @@ import numpy as np
 import soxr
 
 from server.audio import MAX_CHANNELS, MAX_RATE_HZ, MIN_RATE_HZ, SAMPLE_RATE, quietest_cut
-from server.errors import DeadlineExceededError, InvalidArgumentError, QueueFullError
+from server.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    QueueFullError,
+    UnavailableError,
+)
 from server.models.base import DecodeOptions
 from server.recognizer import Recognition, Recognizer, Timing
 
@@ -42,6 +47,8 @@ FRAME = 320  # 20 ms at 16 kHz: the endpointer's unit
 SPEECH_DBFS = -42.0  # a frame louder than this counts as speech for endpointing
 LEAD_IN_S = 0.5  # silence kept before the first speech of an utterance
 MAX_UTTERANCE_S = 28.0  # finalize before Whisper's 30 s window is full
+MIN_DECODE_S = 0.02  # tiny messages are coalesced until this much audio is there
+PUSH_S = 0.1  # audio read in one go is endpointed in pieces of this, whatever the pace
 
 
 @dataclass(frozen=True)
@@ -115,8 +122,9 @@ class Utterance:
         frames = np.concatenate([self._partial, samples])
         n = len(frames) // FRAME
         self._partial = frames[n * FRAME :]
-        for frame in frames[: n * FRAME].reshape(n, FRAME):
-            level = 10 * np.log10(float(np.mean(frame * frame)) + 1e-12)
+        # A frame's variance, not its power: a constant offset (DC) is not speech.
+        levels = 10 * np.log10(frames[: n * FRAME].reshape(n, FRAME).var(axis=1) + 1e-12)
+        for level in levels.tolist():
             if level >= SPEECH_DBFS:
                 self.speech_seen = True
                 self.trailing_silence_s = 0.0
@@ -212,12 +220,16 @@ class PcmDecoder:
 
 
 class StreamSlots:
-    """The cap on concurrent streams. A slot is freed as soon as its stream ends for any
-    reason (finished, failed, cancelled by the client)."""
+    """The cap on concurrent streams, and their shutdown. A slot is taken when a stream opens
+    (before its config arrives) and freed as soon as it ends for any reason (finished,
+    failed, cancelled by the client)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
+        self.shutdown = asyncio.Event()  # set: open streams stop reading and finalize
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @contextlib.contextmanager
     def slot(self) -> Iterator[None]:
@@ -226,54 +238,111 @@ class StreamSlots:
                 f"too many concurrent streams ({self.active} of {self.limit}); retry later"
             )
         self.active += 1
+        self._idle.clear()
         try:
             yield
         finally:
             self.active -= 1
+            if not self.active:
+                self._idle.set()
+
+    async def wind_down(self, close_after_s: float, timeout_s: float) -> bool:
+        """On SIGTERM: let open streams go on (their clients may half-close and get their
+        finals as usual) for `close_after_s`, then stop reading them: each finalizes the
+        audio it has received and ends with UNAVAILABLE. Waits at most `timeout_s` in all;
+        True when every stream ended."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), max(0.0, close_after_s))
+            return True
+        self.shutdown.set()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), max(0.0, timeout_s - close_after_s))
+            return True
+        return False
 
 
 class _Reader:
-    """Pulls audio off the wire into the utterance; pauses when too much is waiting."""
+    """Pulls audio off the wire into the utterance; pauses when too much is waiting.
+
+    Tiny messages are coalesced (decoded once at least MIN_DECODE_S of audio is there), and
+    the idle timeout counts from the last message that carried audio: empty keep-alives
+    don't keep a stream open. On server shutdown it stops reading as if the client had
+    half-closed (`cut` tells the two apart)."""
 
     def __init__(
-        self, chunks: AsyncIterator[bytes], cfg: StreamSettings, limits: StreamLimits
+        self,
+        chunks: AsyncIterator[bytes],
+        cfg: StreamSettings,
+        limits: StreamLimits,
+        shutdown: asyncio.Event | None = None,
     ) -> None:
         self.chunks = chunks
         self.limits = limits
         self.decoder = PcmDecoder(cfg)
+        self.shutdown = shutdown or asyncio.Event()
+        self.min_decode_bytes = 2 * cfg.channels * max(1, int(cfg.sample_rate_hz * MIN_DECODE_S))
         self.pending: list[np.ndarray] = []
         self.pending_s = 0.0
         self.received_s = 0.0
         self.closed = False
-        self.last_audio_at: float | None = None  # monotonic time the last chunk arrived
+        self.cut = False  # stopped by the server's shutdown, not by the client
+        self.last_audio_at: float | None = None  # monotonic time the last audio arrived
         self.changed = asyncio.Event()
         self.room = asyncio.Event()
         self.room.set()
+        self._raw: list[bytes] = []
+        self._raw_bytes = 0
 
     async def run(self) -> None:
+        stopping = asyncio.ensure_future(self.shutdown.wait())
+        opened = time.monotonic()
         try:
             while True:
-                await self.room.wait()
-                try:
-                    chunk = await asyncio.wait_for(
-                        anext(self.chunks, None), self.limits.idle_timeout_s
-                    )
-                except asyncio.TimeoutError:
-                    raise DeadlineExceededError(
-                        f"no audio for {self.limits.idle_timeout_s:g} s; stream closed"
-                    ) from None
+                if not self.room.is_set():
+                    room = asyncio.ensure_future(self.room.wait())
+                    await asyncio.wait([room, stopping], return_when=asyncio.FIRST_COMPLETED)
+                    room.cancel()
+                chunk = None if stopping.done() else await self._next(stopping, opened)
                 if chunk is None:
-                    self._add(self.decoder.decode(b"", last=True))
+                    self.cut = stopping.done()
+                    self._add(self.decoder.decode(self._take_raw(), last=True))
                     break
-                self.last_audio_at = time.monotonic()
-                self._add(self.decoder.decode(chunk))
+                if chunk:
+                    self.last_audio_at = time.monotonic()
+                    self._raw.append(chunk)
+                    self._raw_bytes += len(chunk)
+                if self._raw_bytes >= self.min_decode_bytes:
+                    self._add(self.decoder.decode(self._take_raw()))
                 if self.received_s > self.limits.max_stream_s:
                     raise InvalidArgumentError(
                         f"stream is longer than {self.limits.max_stream_s:g} s of audio"
                     )
         finally:
+            stopping.cancel()
             self.closed = True
             self.changed.set()
+
+    async def _next(self, stopping: asyncio.Future[Any], opened: float) -> bytes | None:
+        """The next message's audio; None when the client half-closed or the server is
+        shutting down. DeadlineExceededError when no audio came for the idle timeout."""
+        since = time.monotonic() - (self.last_audio_at or opened)
+        reading = asyncio.ensure_future(anext(self.chunks, None))
+        done, _ = await asyncio.wait(
+            [reading, stopping],
+            timeout=max(0.0, self.limits.idle_timeout_s - since),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if reading in done:
+            return reading.result()
+        await _cancel(reading)
+        if stopping.done():
+            return None
+        raise DeadlineExceededError(f"no audio for {self.limits.idle_timeout_s:g} s; stream closed")
+
+    def _take_raw(self) -> bytes:
+        data = b"".join(self._raw)
+        self._raw, self._raw_bytes = [], 0
+        return data
 
     def _add(self, samples: np.ndarray) -> None:
         if len(samples):
@@ -297,15 +366,22 @@ async def run_stream(
     recognizer: Recognizer,
     limits: StreamLimits,
     on_final: Callable[[float], None] | None = None,
+    shutdown: asyncio.Event | None = None,
 ) -> AsyncIterator[StreamEvent]:
     """The decode loop of one stream. `on_final(latency_s)` reports, for each final, the time
-    from the end of its audio on the wire (endpoint or half-close) to the result.
+    from the end of its audio on the wire (endpoint or half-close) to the result. When
+    `shutdown` is set, the stream stops reading, finalizes what it received and ends with
+    UnavailableError (the client should send the rest elsewhere).
+
+    Endpointing sees the audio in pieces of PUSH_S, as if it had arrived in real time: audio
+    read in one go (a client faster than real time) would otherwise hide the pauses inside
+    it, and utterances would run together up to the 28 s cut.
 
     An interim re-decode runs as a task beside the loop, so audio keeps arriving while it
     decodes; when an utterance ends, a running interim is cancelled (with the continuous
     engine it leaves the decode batch at the next step) so that the final never waits for
     a result that is about to be outdated."""
-    reader = _Reader(chunks, cfg, limits)
+    reader = _Reader(chunks, cfg, limits, shutdown)
     reading = asyncio.create_task(reader.run(), name="stream-reader")
     utterance = Utterance(cfg)
     interim: _Interim | None = None
@@ -322,23 +398,33 @@ async def run_stream(
                 interim = None
                 if event is not None:
                     yield event
+            audio = np.zeros(0, dtype=np.float32)
             if changed.done():
                 reader.changed.clear()
                 changed = asyncio.ensure_future(reader.changed.wait())
-                utterance.push(reader.drain())
+                audio = reader.drain()
                 closing = reader.closed and not reader.pending
                 if reader.closed and reading.done() and reading.exception() is not None:
                     raise reading.exception()  # type: ignore[misc]
-            if interim is not None and utterance.endpoint(closing) is not None:
-                await interim.cancel()
-                interim = None
-            async for event in _finals(utterance, recognizer, cfg, closing):
-                if event.result is not None and on_final:
-                    on_final(time.monotonic() - (reader.last_audio_at or time.monotonic()))
-                yield event
-                if event.end_of_single_utterance:
-                    return
+            pieces = _pieces(audio)
+            for i, piece in enumerate(pieces):
+                utterance.push(piece)
+                ending = closing and i == len(pieces) - 1
+                if interim is not None and utterance.endpoint(ending) is not None:
+                    await interim.cancel()
+                    interim = None
+                async for event in _finals(utterance, recognizer, cfg, ending):
+                    if event.result is not None and on_final:
+                        on_final(time.monotonic() - (reader.last_audio_at or time.monotonic()))
+                    yield event
+                    if event.end_of_single_utterance:
+                        return
             if closing:
+                if reader.cut:
+                    raise UnavailableError(
+                        f"server is shutting down: the {reader.received_s:.1f} s of audio "
+                        "received were finalized; send the rest on a new stream"
+                    )
                 return
             # Interims are best effort: one at a time per stream, skipped while more audio is
             # waiting to be read or the server has a full batch queued (they'd only delay
@@ -353,6 +439,11 @@ async def run_stream(
         for task in (changed, reading, interim.task if interim else None):
             if task is not None:
                 await _cancel(task)
+
+
+def _pieces(audio: np.ndarray) -> list[np.ndarray]:
+    n = int(PUSH_S * SAMPLE_RATE)
+    return [audio[i : i + n] for i in range(0, len(audio), n)] or [audio]
 
 
 async def _cancel(task: asyncio.Future[Any]) -> None:

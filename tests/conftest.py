@@ -48,7 +48,7 @@ def librispeech_items(split: str = "test-clean") -> list[tuple[str, Path, str]]:
 @pytest.fixture(scope="session")
 def tiny_en_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny.en converted into a throwaway cache (its tokenizer and configs; real weights)."""
-    from server.models.provision import resolve_model
+    from server.checkpoints.provision import resolve_model
 
     resolved = resolve_model("tiny.en", tmp_path_factory.mktemp("tiny-en-cache"))
     assert resolved.local_path is not None

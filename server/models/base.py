@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# Text fields are bounded in bytes before any tokenizer sees them (a 60 MB prompt tokenized
+# would hold a core for seconds): 223 prompt tokens of any script fit in MAX_PROMPT_BYTES.
+MAX_PROMPT_BYTES = 4096
+
 
 @dataclass(frozen=True)
 class DecodeOptions:
@@ -79,7 +83,7 @@ class SpeechModel(ABC):
     """A loaded speech model behind the batch interface."""
 
     info: ModelInfo
-    # Whether `server.models.continuous` can decode this model step by step (a transformers
+    # Whether `server.batching.continuous` can decode this model step by step (a transformers
     # Whisper); others are served by batched `run_batch` calls only.
     supports_continuous: bool = False
 

@@ -25,11 +25,13 @@ class FakeModel(SpeechModel):
         self.started = threading.Event()  # set when a batch starts running
         self.worker_threads: set[str] = set()
         self.delay_s = 0.0  # model time per window of a batch (a test sets the cost)
+        self.check_threads: set[str] = set()  # where check_options ran (never the event loop)
 
     def prepare(self, samples: np.ndarray) -> np.ndarray:
         return samples
 
     def check_options(self, options: DecodeOptions) -> None:
+        self.check_threads.add(threading.current_thread().name)
         if options.language not in (None, "en"):
             raise InvalidArgumentError(f"fake model is English-only, not {options.language!r}")
 

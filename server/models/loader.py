@@ -16,7 +16,7 @@ def load_model(settings: Settings) -> SpeechModel:
     import torch
     import transformers
 
-    from server.models.provision import resolve_model
+    from server.checkpoints.provision import resolve_model
     from server.models.whisper import WhisperModel
 
     # The intra-op pool is process-wide; set it here, on the thread that will run the model.

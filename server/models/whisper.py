@@ -21,10 +21,19 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutput
 
 from server.errors import InvalidArgumentError
-from server.models.base import DecodeOptions, ModelInfo, SpeechModel, WindowResult, WindowTask, Word
+from server.models.base import (
+    MAX_PROMPT_BYTES,
+    DecodeOptions,
+    ModelInfo,
+    SpeechModel,
+    WindowResult,
+    WindowTask,
+    Word,
+)
 from server.models.device import (
     choose_dtype,
     cpu_bf16_support,
@@ -32,12 +41,34 @@ from server.models.device import (
     device_name,
     resolve_device,
 )
+from server.models.runaway import is_looping, trim_loop
+from server.models.whisper_tokens import (
+    confidence,
+    language_in,
+    languages_by_id,
+    no_speech_id,
+    no_speech_probs,
+)
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
 N_FRAMES = 3000  # mel frames in Whisper's 30 s window
 MAX_PROMPT_TOKENS = 223  # Whisper's decoder context is 448; the prompt may use half of it
+MAX_START_TOKENS = 4  # <|startoftranscript|>, language, task, <|notimestamps|>
+
+
+class _LoopStop(StoppingCriteria):
+    """Stops a row of `generate` whose new tokens end in a loop (see server.models.runaway)."""
+
+    def __init__(self) -> None:
+        self.start: int | None = None  # where the new tokens begin (the prompt may repeat)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> Any:
+        if self.start is None:
+            self.start = input_ids.shape[1] - 1
+        rows = input_ids[:, self.start :].tolist()
+        return torch.tensor([is_looping(r) for r in rows], device=input_ids.device)
 
 
 @dataclass(frozen=True)
@@ -49,7 +80,7 @@ class _Decoded:
 
 
 class WhisperModel(SpeechModel):
-    supports_continuous = True  # server.models.decoder_step drives its decoder directly
+    supports_continuous = True  # server.models.whisper_step drives its decoder directly
 
     def __init__(
         self,
@@ -70,12 +101,11 @@ class WhisperModel(SpeechModel):
         self.model: Any = model.to(self.device).eval()  # type: ignore[arg-type]
         self.tokenizer = self.processor.tokenizer
         gen = self.model.generation_config
-        lang_to_id: dict[str, int] = dict(getattr(gen, "lang_to_id", None) or {})
-        self._lang_by_id = {i: tok.strip("<|>") for tok, i in lang_to_id.items()}
-        multilingual = bool(getattr(gen, "is_multilingual", False)) and bool(lang_to_id)
+        self._lang_by_id = languages_by_id(gen)
+        multilingual = bool(getattr(gen, "is_multilingual", False)) and bool(self._lang_by_id)
         self._sot = int(gen.decoder_start_token_id)
         self._eos = int(gen.eos_token_id)
-        self._no_speech = self._token_id("<|nospeech|>") or self._token_id("<|nocaptions|>")
+        self._no_speech = no_speech_id(self.tokenizer)
         self.info = ModelInfo(
             model_id=model_id,
             multilingual=multilingual,
@@ -88,10 +118,6 @@ class WhisperModel(SpeechModel):
         log.info(
             "loaded %s on %s in %s (%s)", model_id, self.device, precision.name, precision.reason
         )
-
-    def _token_id(self, token: str) -> int | None:
-        token_id = self.tokenizer.convert_tokens_to_ids(token)
-        return None if token_id in (None, self.tokenizer.unk_token_id) else int(token_id)
 
     # -- the batch interface ------------------------------------------------------------
     def check_options(self, options: DecodeOptions) -> None:
@@ -107,10 +133,23 @@ class WhisperModel(SpeechModel):
                 )
         elif options.language is not None and options.language not in self.info.languages:
             raise InvalidArgumentError(f"language_code {options.language!r} is not supported")
-        if options.prompt and len(self.tokenizer.encode(" " + options.prompt.strip())) > (
-            MAX_PROMPT_TOKENS
-        ):
+        if len(options.prompt.encode()) > MAX_PROMPT_BYTES:  # before tokenizing it
+            raise InvalidArgumentError(f"initial_prompt is longer than {MAX_PROMPT_BYTES} bytes")
+        if options.prompt and len(self._prompt_ids(options.prompt)) - 1 > MAX_PROMPT_TOKENS:
             raise InvalidArgumentError(f"initial_prompt is longer than {MAX_PROMPT_TOKENS} tokens")
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        """<|startofprev|> and the prompt's tokens, as `generate` puts them before the start."""
+        return [int(i) for i in self.processor.get_prompt_ids(prompt.strip())]
+
+    def max_new_tokens_for(self, options: DecodeOptions) -> int:
+        """The decode budget of a window: the prompt and the start tokens share Whisper's
+        448-position context with what is decoded, so a prompted window decodes fewer tokens
+        (as Whisper's own decoding does: its prompt takes at most half the context)."""
+        if not options.prompt:
+            return self.max_new_tokens
+        used = len(self._prompt_ids(options.prompt)) + MAX_START_TOKENS
+        return max(1, min(self.max_new_tokens, self.model.config.max_target_positions - used))
 
     def prepare(self, samples: np.ndarray) -> np.ndarray:
         features = self.processor.feature_extractor(
@@ -168,13 +207,14 @@ class WhisperModel(SpeechModel):
             return [0.0] * batch
         sot = torch.full((batch, 1), self._sot, device=self.device, dtype=torch.long)
         logits = self.model(encoder_outputs=encoded, decoder_input_ids=sot).logits[:, 0]
-        return torch.softmax(logits.float(), dim=-1)[:, self._no_speech].tolist()
+        return no_speech_probs(logits, self._no_speech)
 
     def _generate_kwargs(self, options: DecodeOptions) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "return_dict_in_generate": True,
             "output_scores": True,
-            "max_new_tokens": self.max_new_tokens,
+            "max_new_tokens": self.max_new_tokens_for(options),
+            "stopping_criteria": StoppingCriteriaList([_LoopStop()]),
         }
         if self.info.multilingual:
             kwargs["task"] = options.task
@@ -186,7 +226,7 @@ class WhisperModel(SpeechModel):
             kwargs["num_beams"] = options.beam_size
         if options.prompt:
             kwargs["prompt_ids"] = torch.as_tensor(
-                self.processor.get_prompt_ids(options.prompt.strip()), device=self.device
+                self._prompt_ids(options.prompt), device=self.device
             )
         if options.word_timestamps:
             kwargs["return_token_timestamps"] = True
@@ -205,7 +245,8 @@ class WhisperModel(SpeechModel):
         out = self.model.generate(encoder_outputs=encoded, **kwargs)
         sequences = out["sequences"].cpu()
         n_new = len(out["scores"])
-        new_tokens = sequences[:, sequences.shape[1] - n_new :]
+        prompt_len = sequences.shape[1] - n_new
+        new_tokens = sequences[:, prompt_len:]
         logprobs = self._token_logprobs(out, new_tokens)
         times = out.get("token_timestamps") if options.word_timestamps else None
         if times is not None:
@@ -214,6 +255,7 @@ class WhisperModel(SpeechModel):
         for row in range(batch):
             tokens = new_tokens[row].tolist()
             end = tokens.index(self._eos) if self._eos in tokens else len(tokens)
+            end = len(trim_loop(tokens[:end]))  # a runaway loop stopped by _LoopStop, once
             row_times = None
             if times is not None:
                 row_times = times[row, times.shape[1] - n_new :].float().tolist()[: end + 1]
@@ -222,7 +264,7 @@ class WhisperModel(SpeechModel):
                     tokens[:end],
                     logprobs[row][:end],
                     row_times,
-                    self._language_in(sequences[row, : sequences.shape[1] - n_new].tolist()),
+                    language_in(sequences[row, :prompt_len].tolist(), self._lang_by_id),
                 )
             )
         return decoded
@@ -236,20 +278,12 @@ class WhisperModel(SpeechModel):
         picked = logp.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
         return picked.tolist()
 
-    def _language_in(self, prompt_tokens: list[int]) -> str | None:
-        for token in prompt_tokens:
-            if token in self._lang_by_id:
-                return self._lang_by_id[token]
-        return None
-
     def _result(self, d: _Decoded, no_speech_prob: float, duration_s: float) -> WindowResult:
         text = self.tokenizer.decode(d.tokens, skip_special_tokens=True).strip()
-        finite = [lp for lp in d.logprobs if np.isfinite(lp)]
-        confidence = float(np.exp(np.mean(finite))) if finite else 0.0
         words = self._words(d, duration_s) if d.times is not None else ()
         language = d.language or ("en" if not self.info.multilingual else "")
         return WindowResult(
-            text, language, confidence, float(no_speech_prob), words, tuple(d.tokens)
+            text, language, confidence(d.logprobs), float(no_speech_prob), words, tuple(d.tokens)
         )
 
     def _words(self, d: _Decoded, duration_s: float) -> tuple[Word, ...]:

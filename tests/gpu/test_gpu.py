@@ -17,8 +17,8 @@ import pytest
 import soundfile as sf
 import torch
 
+from server.batching.continuous import ContinuousEngine, EngineConfig
 from server.models.base import DecodeOptions, WindowTask
-from server.models.continuous import ContinuousEngine, EngineConfig
 
 # WHISPER_GRPC_TEST_DEVICE=cpu runs these on the CPU: a slow dry run of the tests themselves.
 DEVICE = os.environ.get("WHISPER_GRPC_TEST_DEVICE", "cuda")
@@ -53,7 +53,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     given = os.environ.get("WHISPER_GRPC_TEST_CHECKPOINT")
     if given:
         return given
-    from server.models.provision import resolve_model
+    from server.checkpoints.provision import resolve_model
 
     return str(resolve_model("tiny.en", tmp_path_factory.mktemp("cache")).name_or_path)
 
@@ -102,7 +102,7 @@ def test_continuous_engine_matches_generate_on_the_gpu(checkpoint, clips, dtype)
     windows = tasks(model, clips)
     generated = model.run_batch(windows[:1]) + model.run_batch(windows[1:])  # plain generate
     alone = [run(model, [[w]])[0][0] for w in windows[:6]]
-    together = run(model, [[w] for w in windows], max_active=16, max_encoder_batch=8)
+    together = run(model, [[w] for w in windows], max_active=16, max_batch_size=8)
     assert agreement(alone, generated[:6]) >= 5 / 6  # kernels differ slightly by batch shape
     assert agreement([r[0] for r in together], generated) >= 0.85
     assert next(model.model.parameters()).device.type == torch.device(DEVICE).type
@@ -112,13 +112,13 @@ def test_continuous_engine_matches_generate_on_the_gpu(checkpoint, clips, dtype)
 def test_drafts_and_joins_mid_decode_keep_the_transcripts(checkpoint, clips, dtype) -> None:
     model = model_in(checkpoint, dtype)
     windows = tasks(model, clips)
-    first = run(model, [windows], max_active=24, max_encoder_batch=8)[0]
+    first = run(model, [windows], max_active=24, max_batch_size=8)[0]
     drafted = [
         WindowTask(w.features, w.duration_s, DecodeOptions(draft=r.tokens[: len(r.tokens) // 2]))
         for w, r in zip(windows, first, strict=True)
     ]
     # 4 slots for 24 windows: most join while others decode, and leave at their own end.
-    again = run(model, [[d] for d in drafted], max_active=4, max_encoder_batch=2)
+    again = run(model, [[d] for d in drafted], max_active=4, max_batch_size=2)
     assert agreement([r[0] for r in again], first) >= 0.85
 
 

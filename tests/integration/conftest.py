@@ -19,6 +19,9 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def real_settings(model_cache: Path) -> Settings:
     return Settings(
         model="tiny.en",
+        # fp32 whatever the CPU: these tests compare tokens with generate's exactly and their
+        # thresholds were set in fp32; bf16 has its own test (test_precision_real.py).
+        dtype="float32",
         cache_dir=model_cache,
         max_batch_size=8,
         max_wait_ms=20,
@@ -43,7 +46,7 @@ def real_server(real_settings: Settings, real_model):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(real_settings: Settings) -> Path:
-    from server.models.provision import resolve_model
+    from server.checkpoints.provision import resolve_model
 
     resolved = resolve_model("tiny.en", real_settings.cache_dir)
     assert resolved.local_path is not None

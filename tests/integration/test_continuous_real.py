@@ -15,10 +15,10 @@ import pytest
 import soundfile as sf
 import torch
 
+from server.batching.continuous import ContinuousEngine, EngineConfig
 from server.evaluation import word_error_rate
 from server.models.base import DecodeOptions, WindowResult, WindowTask
-from server.models.continuous import ContinuousEngine, EngineConfig
-from server.models.decoder_step import GreedyRuntime
+from server.models.whisper_step import GreedyRuntime
 from tests.conftest import librispeech_items, require_data
 
 
@@ -86,7 +86,7 @@ def test_one_window_alone_gives_exactly_the_tokens_of_generate(real_model, files
 
 async def test_sixteen_concurrent_submitters_match_sequential_calls(real_model, files) -> None:
     worker = ThreadPoolExecutor(1, thread_name_prefix="model-worker")
-    engine = ContinuousEngine(real_model, worker, EngineConfig(max_active=16, max_encoder_batch=8))
+    engine = ContinuousEngine(real_model, worker, EngineConfig(max_active=16, max_batch_size=8))
     engine.start()
     cursor = iter(range(len(files)))
     texts: dict[int, str] = {}

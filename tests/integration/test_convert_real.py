@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from server.models.ct2_convert import CONVERSION_MARKER, WEIGHTS_FILE
-from server.models.provision import BUILTIN_MODELS, resolve_model
+from server.checkpoints.ct2_convert import CONVERSION_MARKER, WEIGHTS_FILE
+from server.checkpoints.provision import BUILTIN_MODELS, resolve_model
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data"

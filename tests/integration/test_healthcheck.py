@@ -70,7 +70,7 @@ def one_line(output: str) -> str:
 
 async def test_fails_before_the_model_is_served_and_passes_after(server: ServerHandle) -> None:
     address = f"127.0.0.1:{server.port}"
-    code, output = await probe("--address", address, "--timeout", str(TIMEOUT_S))
+    code, output = await probe("--target", address, "--timeout", str(TIMEOUT_S))
     assert code == 1
     assert one_line(output) == f"NOT_SERVING: 'asr.v1.Speech' at {address}"
 

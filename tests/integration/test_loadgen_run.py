@@ -181,6 +181,34 @@ def test_overloaded_open_loop_reports_goodput_below_offered_and_saturated(
     assert "saturated" in result.stderr and "SATURATED" in result.stdout
 
 
+@pytest.mark.parametrize(
+    ("api", "mode", "method"),
+    [
+        ("google", "unary", "google.cloud.speech.v1.Speech/Recognize"),
+        ("riva", "stream", "nvidia.riva.asr.RivaSpeechRecognition/StreamingRecognize"),
+    ],
+)
+def test_vendor_apis(real_server, tmp_path: Path, api: str, mode: str, method: str):
+    """--api google|riva sends those vendors' requests to the same server."""
+    require_data()
+    out = tmp_path / api
+    # Streams as fast as the server reads (--pace max): live pacing is tested on asr.v1.
+    levels = ["--streams", "2", "--pace", "max"] if mode == "stream" else ["--concurrency", "2"]
+    result = loadgen(
+        "run", "--target", real_server.address, "--api", api, "--mode", mode,
+        "--dataset", str(LIBRISPEECH / "test-clean"), "--limit", "3",
+        *levels, "--warmup", "0", "--duration", "2", "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    (row,) = read_csv(out / "summary.csv")
+    sent = row["utterances"] if mode == "stream" else row["requests"]
+    assert int(sent) >= 2 and int(row["errors"]) == 0, row
+    assert float(row["wer"]) < WER_BOUND, row
+    assert json.loads((out / "summary.json").read_text())["api"] == api
+    registry = real_server.handle.metrics.registry
+    assert registry.get_sample_value("asr_requests_total", {"method": method, "code": "OK"}) >= 2
+
+
 class UnaryOnlySpeech(asr_pb2_grpc.SpeechServicer):
     """Recognize and GetServerInfo only: the generated base class answers every other rpc
     (StreamingRecognize) with UNIMPLEMENTED, as a server without streaming does. Recognize

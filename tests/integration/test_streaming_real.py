@@ -67,7 +67,22 @@ def test_realtime_stream_gives_interims_before_the_end_and_finals_like_unary(rea
     got, last_sent = run(stub, audio, realtime=True)
     interims = [(t, r) for t, resp in got for r in resp.results if not r.is_final]
     assert interims and interims[0][0] < last_sent  # text while the audio was still coming
-    assert all(0.0 <= r.stability <= 1.0 for _, r in interims)
+    # stability = the share of an interim's words that are committed (LocalAgreement-2):
+    # the first interim of an utterance has none, committed words are never taken back by a
+    # later interim of the same utterance, and some interims do commit words.
+    previous: list[str] | None = None
+    for _, resp in got:
+        for r in resp.results:
+            if r.is_final:
+                previous = None
+                continue
+            words = r.alternatives[0].transcript.split()
+            if previous is None:
+                assert r.stability == 0.0
+            else:
+                assert words[: len(previous)] == previous  # the committed prefix stays
+            previous = words[: round(r.stability * len(words))]
+    assert any(r.stability > 0 for _, r in interims)
     unary = stub.Recognize(
         asr_pb2.RecognizeRequest(audio=asr_pb2.RecognitionAudio(content=wav_bytes(audio, 16_000))),
         timeout=120,

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 
 import numpy as np
 import pytest
+import soundfile as sf
 
-from server.audio import SAMPLE_RATE, AudioFormat, Encoding, decode, split_windows
+from server.audio import (
+    SAMPLE_RATE,
+    AudioFormat,
+    Encoding,
+    decode,
+    g711_to_linear16,
+    split_windows,
+)
 from server.errors import InvalidAudioError
 from tests.conftest import JFK_FLAC, require_data, tone, wav_bytes
 
@@ -65,7 +74,7 @@ def test_real_44k_stereo_24bit_flac():
     ("content", "fmt", "message"),
     [
         (b"", AudioFormat(), "empty"),
-        (b"this is not audio at all" * 10, AudioFormat(), "not a WAV, FLAC or OGG"),
+        (b"this is not audio at all" * 10, AudioFormat(), "not a WAV, FLAC, OGG or MP3"),
         (b"\x00\x01" * 100, AudioFormat(Encoding.LINEAR16), "needs sample_rate_hertz"),
         (b"\x00\x01\x02", AudioFormat(Encoding.LINEAR16, 16_000), "not a whole number"),
         (b"\x00\x01" * 10, AudioFormat(Encoding.LINEAR16, 5_000_000), "between"),
@@ -118,3 +127,32 @@ def test_long_audio_is_cut_at_quiet_points_into_windows_of_at_most_30s():
     assert np.array_equal(np.concatenate([w.samples for w in windows]), audio)  # nothing lost
     for prev, nxt in itertools.pairwise(windows):
         assert nxt.start_s == pytest.approx(prev.start_s + prev.duration_s)
+
+
+@pytest.mark.parametrize(
+    ("subtype", "encoding"), [("ULAW", Encoding.MULAW), ("ALAW", Encoding.ALAW)]
+)
+def test_g711_expands_exactly_like_libsndfile(subtype, encoding):
+    every_code = bytes(range(256))
+    reference, _ = sf.read(
+        io.BytesIO(every_code),
+        dtype="int16",
+        format="RAW",
+        subtype=subtype,
+        samplerate=8000,
+        channels=1,
+    )
+    ours = np.frombuffer(g711_to_linear16(every_code, encoding), dtype="<i2")
+    assert np.array_equal(ours, reference)
+
+
+@pytest.mark.parametrize(
+    ("subtype", "encoding"), [("ULAW", Encoding.MULAW), ("ALAW", Encoding.ALAW)]
+)
+def test_raw_g711_decodes_to_16k(subtype, encoding):
+    content = wav_bytes(tone(440, 0.5, 8000), 8000, subtype=subtype, fmt="RAW")
+    samples = decode(content, AudioFormat(encoding, 8000), 60)
+    assert len(samples) == 8000
+    assert 0.3 < float(np.abs(samples).max()) < 0.6  # the 0.5 tone, companded and back
+    with pytest.raises(InvalidAudioError, match="needs sample_rate_hertz"):
+        decode(content, AudioFormat(encoding), 60)

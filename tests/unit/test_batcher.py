@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from server.batcher import BatcherConfig, BatchStats, MicroBatcher
+from server.batching.base import BatchStats
+from server.batching.micro import BatcherConfig, MicroBatcher
 from server.errors import BatchError, DeadlineExceededError, QueueFullError, UnavailableError
 
 
@@ -55,7 +56,7 @@ def make(fn: Recorder, worker, size=4, wait_ms=10_000.0, queue=16, stats=None):
 
 async def test_flushes_when_full_without_waiting_for_the_timer(worker):
     fn = Recorder()
-    b = make(fn, worker, size=4, wait_ms=60_000)  # the timer would take a minute
+    b = make(fn, worker, size=4, wait_ms=10_000)  # the timer would take 10 s (the most allowed)
     results = await asyncio.wait_for(asyncio.gather(*(b.submit(i) for i in range(4))), 10)
     assert [r.value for r in results] == [0, 10, 20, 30]
     assert fn.batches == [[0, 1, 2, 3]]
@@ -238,3 +239,18 @@ async def test_without_announcements_the_window_closes_at_max_wait(worker):
     await asyncio.to_thread(fn.entered.wait, 10)  # it ran alone, without waiting
     assert (await first).value == 10 and fn.batches == [[1]]
     await b.stop()
+
+
+async def test_stop_resolves_the_batch_that_is_running(worker):
+    """A batch on the worker when the batcher stops: its callers hear UNAVAILABLE at once
+    instead of waiting on futures nobody will set."""
+    fn = Recorder()
+    fn.gate.clear()
+    b = make(fn, worker, size=2, wait_ms=0)
+    running = b.enqueue([1, 2])
+    await _started(fn)  # the batch is on the worker, held at the gate
+    await b.stop()
+    for fut in running:
+        with pytest.raises(UnavailableError, match="while this request was decoding"):
+            await asyncio.wait_for(fut, 5)
+    fn.gate.set()

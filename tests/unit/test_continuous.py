@@ -16,11 +16,11 @@ import pytest
 import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-from server.batcher import BatchStats
+from server.batching.base import BatchStats
+from server.batching.continuous import ContinuousEngine, EngineConfig
 from server.errors import BatchError, DeadlineExceededError, QueueFullError, UnavailableError
 from server.models.base import DecodeOptions, ModelInfo, SpeechModel, WindowResult, WindowTask
-from server.models.continuous import ContinuousEngine, EngineConfig
-from server.models.decoder_step import BatchedDecoder, GreedyRuntime
+from server.models.whisper_step import BatchedDecoder, GreedyRuntime
 
 # The tiny model's vocabulary: 0-89 "words", then the special tokens.
 EOS, SOT, NO_SPEECH, NO_TIMESTAMPS, EN, FR, TRANSCRIBE, TRANSLATE = range(90, 98)
@@ -328,7 +328,7 @@ async def test_submit_many_gives_one_result_per_window_in_order(worker) -> None:
     model = TinyWhisper()
     feats = windows(6, seed=11)
     stats: list[BatchStats] = []
-    engine = ContinuousEngine(model, worker, EngineConfig(max_active=4, max_encoder_batch=3))
+    engine = ContinuousEngine(model, worker, EngineConfig(max_active=4, max_batch_size=3))
     engine.on_batch = stats.append
     engine.start()
     steps = StepGate(engine)
@@ -349,7 +349,7 @@ async def test_submit_many_gives_one_result_per_window_in_order(worker) -> None:
 async def test_windows_arriving_mid_decode_get_their_own_results(worker) -> None:
     model = TinyWhisper()
     feats = windows(8, seed=5)
-    engine = make(model, worker, max_active=8, max_encoder_batch=2)
+    engine = make(model, worker, max_active=8, max_batch_size=2)
     steps = StepGate(engine, hold=True)
     first = asyncio.ensure_future(engine.submit_many([task(f) for f in feats[:2]]))
     assert await asyncio.to_thread(steps.entered.wait, 10)  # two sequences are decoding
@@ -483,13 +483,6 @@ async def test_an_interim_does_not_join_while_urgent_windows_decode(worker) -> N
     await engine.stop()
 
 
-async def test_with_nothing_decoding_a_window_joins_without_waiting_for_company(worker) -> None:
-    engine = make(TinyWhisper(), worker, min_encoder_batch=4, max_join_wait_ms=600_000)
-    result = await asyncio.wait_for(engine.submit(task(windows(1)[0])), 30)
-    assert result.value.text
-    await engine.stop()
-
-
 async def test_warmup_decodes_through_the_engine_and_leaves_it_idle(worker) -> None:
     engine = make(TinyWhisper(), worker, max_active=4)
     await asyncio.wait_for(engine.warmup([1, 3]), 30)
@@ -498,27 +491,9 @@ async def test_warmup_decodes_through_the_engine_and_leaves_it_idle(worker) -> N
     await engine.stop()
 
 
-async def test_a_window_waits_for_an_announced_one_to_encode_together(worker) -> None:
-    model = TinyWhisper(max_new_tokens=400, suppress_eos=True)  # a decodes 400 steps
-    a, b, c = windows(3, seed=6)
-    engine = make(model, worker, max_active=4, min_encoder_batch=2, max_join_wait_ms=600_000)
-    steps = StepGate(engine)
-    first = asyncio.ensure_future(engine.submit(task(a)))  # nothing decoding: joins at once
-    assert await asyncio.to_thread(steps.entered.wait, 10)
-    with engine.preparing():  # another request is on its way
-        second = asyncio.ensure_future(engine.submit(task(b)))
-        await asyncio.sleep(0)
-        assert await asyncio.to_thread(steps.fifty.wait, 10)
-        assert engine.stats().encoder_windows == 1 and engine.depth == 1  # b waits for it
-        third = asyncio.ensure_future(engine.submit(task(c)))
-        got = await asyncio.wait_for(asyncio.gather(first, second, third), 30)
-    assert got[1].batch_id == got[2].batch_id != got[0].batch_id
-    await engine.stop()
-
-
 def test_config_is_validated() -> None:
-    for bad in ({"max_active": 0}, {"max_encoder_batch": 0}, {"max_queue_size": 0},
-                {"min_encoder_batch": 9}, {"max_join_wait_ms": -1}):  # fmt: skip
+    for bad in ({"max_active": 0}, {"max_batch_size": 0}, {"max_queue_size": 0},
+                {"max_join_share": 0}):  # fmt: skip
         with pytest.raises(ValueError):
             EngineConfig(**bad)
 
@@ -528,8 +503,8 @@ async def test_new_windows_wait_while_a_decoding_sequence_is_held_up_too_long(wo
     time in other windows' encoder passes gets steps before anyone else joins."""
     import time as clock
 
-    from server.models.continuous import _Request
-    from server.models.decoder_step import DecodeSequence
+    from server.batching.continuous import _Request
+    from server.models.whisper_step import DecodeSequence
 
     engine = ContinuousEngine(TinyWhisper(), worker, EngineConfig(max_join_share=0.5))
     loop = asyncio.get_running_loop()
@@ -551,7 +526,7 @@ async def test_the_timing_split_adds_up_and_charges_others_encoder_passes_as_hel
     is its encode time, and queue + encode + decode + held is the time the caller waited."""
     model = TinyWhisper()
     feats = windows(8, seed=5)
-    engine = make(model, worker, max_active=8, max_encoder_batch=2)
+    engine = make(model, worker, max_active=8, max_batch_size=2)
     steps = StepGate(engine, hold=True)
     join = engine.runtime.join
 

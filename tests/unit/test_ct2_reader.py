@@ -6,13 +6,14 @@ below, so no real weights are needed.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import struct
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,16 +21,21 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.models import ct2_convert, provision
-from server.models.ct2_convert import (
+from server.checkpoints import ct2_convert, provision
+from server.checkpoints.ct2_convert import (
     CONVERSION_MARKER,
     ConversionError,
     build_state_dict,
     convert_ct2_to_transformers,
     infer_dims,
 )
-from server.models.ct2_reader import CT2FormatError, bfloat16_to_float32, parse_ct2, read_ct2_model
-from server.models.provision import ModelProvisionError, concatenate_files, resolve_model
+from server.checkpoints.ct2_reader import (
+    CT2FormatError,
+    bfloat16_to_float32,
+    parse_ct2,
+    read_ct2_model,
+)
+from server.checkpoints.provision import ModelProvisionError, concatenate_files, resolve_model
 
 # --------------------------------------------------------------------------- writer
 
@@ -444,24 +450,44 @@ def test_local_ct2_dir_is_converted_once_into_the_cache(tmp_path: Path) -> None:
 
 
 def test_cache_lock_is_exclusive(tmp_path: Path) -> None:
+    """A second holder blocks until the first leaves (no sleeps: the contender's own "waiting"
+    log line says it is blocked)."""
     events: list[str] = []
+    blocked = threading.Event()
+
+    class Waiting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting for another process" in record.getMessage():
+                blocked.set()
+
+    handler = Waiting()
+    provision.logger.addHandler(handler)
+    previous = provision.logger.level
+    provision.logger.setLevel(logging.INFO)
 
     def contender() -> None:
         with provision.cache_lock(tmp_path, "entry"):
             events.append("contender")
 
-    with provision.cache_lock(tmp_path, "entry"):
-        thread = threading.Thread(target=contender)
-        thread.start()
-        time.sleep(0.3)  # flock conflicts across open files even within one process
-        events.append("holder")
-    thread.join(timeout=10)
+    try:
+        with provision.cache_lock(tmp_path, "entry"):
+            other = (tmp_path / ".entry.lock").open("a")  # flock conflicts across open files
+            with other, pytest.raises(BlockingIOError):
+                fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            thread = threading.Thread(target=contender)
+            thread.start()
+            assert blocked.wait(10)  # it is waiting for this holder
+            events.append("holder")
+        thread.join(timeout=10)
+    finally:
+        provision.logger.removeHandler(handler)
+        provision.logger.setLevel(previous)
     assert events == ["holder", "contender"]
 
 
 def test_concurrent_cli_runs_convert_once(tmp_path: Path) -> None:
     ct2_dir, cache = write_ct2_dir(tmp_path / "ct2"), tmp_path / "cache"
-    command = [sys.executable, "-m", "server.models.provision", str(ct2_dir), "--cache-dir"]
+    command = [sys.executable, "-m", "server.checkpoints.provision", str(ct2_dir), "--cache-dir"]
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}
     runs = [

@@ -279,11 +279,20 @@ def test_cpu_profile_runs_without_a_gpu(services: Services) -> None:
 
 
 def test_card_order_follows_speed() -> None:
-    # A faster card takes bigger batches and waits less for them to fill.
+    # A faster card takes bigger batches and waits less for them to fill: read from the files
+    # compose and Kustomize use, not from this module's table.
     order = ("t4", "l4", "a10g", "a100", "h100")
-    batches = [TUNED[card][1] for card in order]
-    waits = [TUNED[card][2] for card in order]
+    envs = [card_env(card) for card in order]
+    batches = [int(env["WHISPER_GRPC_MAX_BATCH_SIZE"]) for env in envs]
+    waits = [float(env["WHISPER_GRPC_MAX_WAIT_MS"]) for env in envs]
     assert batches == sorted(batches) and waits == sorted(waits, reverse=True)
+    assert len(set(batches)) == len(batches)  # each card a step up
+
+
+def card_env(card: str) -> dict[str, str]:
+    path = ROOT / "deploy" / "k8s" / "overlays" / card / "server.env"
+    lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    return dict(line.split("=", 1) for line in lines)
 
 
 @pytest.mark.parametrize("profile", list(REPLICAS))
@@ -322,7 +331,7 @@ def test_load_generator_waits_for_the_servers_health(services: Services) -> None
     assert probe[:4] == ["CMD", "python", "-m", "server.healthcheck"]
     target = command_option(master["command"], "--target")
     assert target == "server:50051"  # the network name every single server has
-    assert command_option(probe, "--address") == target
+    assert command_option(probe, "--target") == target
     dataset = command_option(master["command"], "--dataset")
     assert command_option(worker["command"], "--dataset") == dataset  # the master checks it
     assert "--master" in master["command"] and "--worker" in worker["command"]
@@ -540,7 +549,7 @@ def test_compose_load_test_takes_more_flags_from_loadgen_args() -> None:
 
 def exposed_metric_names() -> set[str]:
     """Every series the server exposes, the continuous engine's collector included."""
-    from server.models.continuous import EngineStats
+    from server.batching.continuous import EngineStats
 
     metrics = Metrics()
     metrics.watch_engine(lambda: EngineStats(*[0] * len(EngineStats.__dataclass_fields__)))

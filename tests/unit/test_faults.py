@@ -15,7 +15,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.batcher import BatcherConfig, BatchStats, MicroBatcher, run_in_pieces
+from server.batching.base import BatchStats, run_in_pieces
+from server.batching.continuous import ContinuousEngine, EngineConfig
+from server.batching.micro import BatcherConfig, MicroBatcher
 from server.errors import (
     BatchError,
     DeviceFaultError,
@@ -25,7 +27,6 @@ from server.errors import (
 )
 from server.metrics import Metrics
 from server.models.base import DecodeOptions
-from server.models.continuous import ContinuousEngine, EngineConfig
 from server.models.device import device_errors, is_device_fault
 from tests.unit.test_continuous import TinyWhisper, assert_same, reference, task, windows
 
@@ -175,7 +176,7 @@ async def test_encoder_out_of_memory_is_retried_in_halves(worker) -> None:
             else None
         ),
     )
-    engine = ContinuousEngine(model, worker, EngineConfig(max_active=8, max_encoder_batch=6))
+    engine = ContinuousEngine(model, worker, EngineConfig(max_active=8, max_batch_size=6))
     engine.start()
     futures = engine.enqueue([task(f) for f in feats])
     done = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 60)
@@ -212,7 +213,7 @@ async def test_decode_step_out_of_memory_runs_in_smaller_pieces_with_the_same_to
     model = TinyWhisper()
     feats = windows(4, seed=22)
     stats: list[BatchStats] = []
-    engine = ContinuousEngine(model, worker, EngineConfig(max_active=4, max_encoder_batch=4))
+    engine = ContinuousEngine(model, worker, EngineConfig(max_active=4, max_batch_size=4))
     engine.on_batch = stats.append
     engine.start()
     pieces = StepOOM(engine, rows=1)

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from server.batcher import BatcherConfig, MicroBatcher
+from server.batching.continuous import ContinuousEngine, EngineConfig
+from server.batching.micro import BatcherConfig, MicroBatcher
 from server.models.base import DecodeOptions, WindowTask
-from server.models.continuous import ContinuousEngine, EngineConfig
 from server.models.whisper import WhisperModel
 from tests.device_guard import DeviceGuard, GuardedExecutor, PlacementError
 from tests.random_whisper import make_random_checkpoint
@@ -86,7 +86,7 @@ class HoldFirstStep:
 
 
 async def test_continuous_engine_joins_leaves_drafts_and_cancels(english, guarded) -> None:
-    engine = ContinuousEngine(english, guarded, EngineConfig(max_active=8, max_encoder_batch=4))
+    engine = ContinuousEngine(english, guarded, EngineConfig(max_active=8, max_batch_size=4))
     engine.start()
     plain = await asyncio.wait_for(engine.submit_many([window(english, s) for s in (1, 2)]), 120)
     tokens = plain[0].value.tokens

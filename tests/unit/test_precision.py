@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from server.batcher import BatcherConfig, MicroBatcher
+from server.batching.continuous import ContinuousEngine, EngineConfig
+from server.batching.micro import BatcherConfig, MicroBatcher
 from server.models.base import DecodeOptions, WindowResult, WindowTask
-from server.models.continuous import ContinuousEngine, EngineConfig
 from server.models.device import _cpuinfo_bf16_flag, choose_dtype
 from tests.device_guard import GuardedExecutor
 from tests.unit.test_continuous import EOS, NO_SPEECH, SOT, TinyWhisper, task, windows
@@ -68,7 +68,7 @@ def worker():
 async def test_continuous_engine_gives_generate_tokens_in_low_precision(worker, dtype) -> None:
     model = tiny(dtype)
     feats = windows(8, seed=31)
-    engine = ContinuousEngine(model, worker, EngineConfig(max_active=4, max_encoder_batch=2))
+    engine = ContinuousEngine(model, worker, EngineConfig(max_active=4, max_batch_size=2))
     engine.start()
     # 8 windows through 4 slots in encoder batches of 2: joins and leaves mid-decode.
     results = await asyncio.wait_for(engine.submit_many([task(f) for f in feats]), 120)

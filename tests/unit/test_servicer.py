@@ -96,7 +96,7 @@ def test_concurrent_requests_share_batches(served, fake):
     ("config", "content", "message"),
     [
         (Config(), b"", "empty"),
-        (Config(), b"garbage bytes, not audio" * 4, "not a WAV, FLAC or OGG"),
+        (Config(), b"garbage bytes, not audio" * 4, "not a WAV, FLAC, OGG or MP3"),
         (Config(encoding=Config.LINEAR16), b"\x00\x00" * 100, "needs sample_rate_hertz"),
         (Config(encoding=Config.LINEAR16, sample_rate_hertz=16_000), b"\x00" * 3, "whole number"),
         (Config(sample_rate_hertz=-5), b"\x00\x00", "negative"),
@@ -195,6 +195,31 @@ def test_server_info(served):
     assert (info.engine, info.max_active) == ("generate", 0)
 
 
+def test_server_info_reports_the_limits_a_client_may_hit():
+    settings = Settings(
+        max_streams=7,
+        max_beam_size=3,
+        max_stream_s=900,
+        stream_buffer_s=12,
+        stream_idle_timeout_s=9,
+        endpoint_silence_ms=500,
+        interim_interval_ms=400,
+        no_speech_threshold=0.4,
+        silence_dbfs=-55,
+        max_new_tokens=200,
+    )
+    server = ServerThread(settings, FakeModel()).start()
+    try:
+        info = server.stub().GetServerInfo(asr_pb2.GetServerInfoRequest(), timeout=10)
+    finally:
+        server.stop()
+    assert (info.max_streams, info.max_beam_size, info.max_new_tokens) == (7, 3, 200)
+    assert (info.max_stream_s, info.stream_buffer_s, info.stream_idle_timeout_s) == (900, 12, 9)
+    assert (info.endpoint_silence_ms, info.interim_interval_ms) == (500, 400)
+    assert info.no_speech_threshold == pytest.approx(0.4)
+    assert info.silence_dbfs == -55
+
+
 def test_health_serving_for_overall_and_speech(served):
     stub = health_pb2_grpc.HealthStub(served.channel())
     for service in ("", "asr.v1.Speech"):
@@ -257,3 +282,11 @@ def test_speech_gates_come_from_settings():
         assert response.timing.windows == 1 and response.timing.batch_size == 0
     finally:
         server.stop()
+
+
+def test_audio_times_are_whole_milliseconds_and_timings_microseconds():
+    from server.servicer import _audio_time, _duration
+
+    assert _audio_time(1.059999943).ToJsonString() == "1.060s"
+    assert _audio_time(0.0004).ToJsonString() == "0s"
+    assert _duration(0.0001907291).ToJsonString() == "0.000191s"

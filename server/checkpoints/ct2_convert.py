@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from server.models.ct2_reader import CT2Model, read_ct2_model
+from server.checkpoints.ct2_reader import CT2Model, read_ct2_model
 
 if TYPE_CHECKING:
     import torch

@@ -4,10 +4,10 @@ A plain micro-batcher runs `generate` on a batch: every window waits for the lon
 finished rows keep costing compute, and a window that arrives just after a batch started waits
 for all of it. Here the decoder runs one token at a time over whatever sequences are in flight:
 
-- New windows are encoded in batches (at most `max_encoder_batch`), their prompts run in one
+- New windows are encoded in batches (at most `max_batch_size`), their prompts run in one
   pass, and they join the decode batch at the next step; a sequence leaves as soon as it emits
   end-of-text or reaches its token limit, and its caller's future is resolved right then.
-- Each sequence holds its own state (the model math is in `server.models.decoder_step`):
+- Each sequence holds its own state (the model math is in `server.models.whisper_step`):
   cross-attention K,V computed once from its encoder output, a self-attention KV cache, its
   tokens so far, its prompt (from the generation config, as `generate` builds it) and the
   greedy suppress rules of `generate` (`suppress_tokens`, and `begin_suppress_tokens` at the
@@ -21,11 +21,11 @@ for all of it. Here the decoder runs one token at a time over whatever sequences
   prompt, word timestamps, a multilingual model without a language, i.e. language detection)
   go through `model.run_batch` (transformers' `generate`) on the same thread, between steps
   (fallback): they hold the decode batch up for as long as that call takes.
-- Admission: at most `max_active` sequences decode at once (each holds its caches: see
-  `decoder_step.suggest_max_active`), at most `max_encoder_batch` windows join at a time, in
-  arrival order, urgent windows before background ones (streams' interims); background
-  windows join only while no urgent sequence is decoding, so an interim's encoder pass never
-  holds up a final or a unary request mid-decode.
+- Admission: at most `max_active` sequences decode at once (each holds its caches), at most
+  `max_batch_size` windows join at a time, in arrival order, urgent windows before
+  background ones (streams' interims); background windows join only while no urgent sequence
+  is decoding, so an interim's encoder pass never holds up a final or a unary request
+  mid-decode.
 
 Threads: `ContinuousEngine` is used from the asyncio loop (enqueue, futures, lifecycle); the
 decode loop runs as one job on the executor given (the single model worker thread, the only
@@ -51,15 +51,19 @@ from typing import Any
 
 import numpy as np
 
-from server.batcher import (
+from server.batching.base import (
     Batched,
     BatchStats,
+    EngineStats,
     as_batch_error,
+    expired_in_queue,
     gather_or_cancel,
     queue_full,
     run_in_pieces,
+    settle,
     wait_idle,
 )
+from server.config import Settings, check_bounds
 from server.errors import (
     BatchError,
     DeadlineExceededError,
@@ -68,64 +72,30 @@ from server.errors import (
     UnrecoverableError,
 )
 from server.models.base import SpeechModel, WindowResult, WindowTask
-from server.models.decoder_step import DecodeSequence, GreedyRuntime
+from server.models.whisper_step import DecodeSequence, GreedyRuntime
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class EngineConfig:
-    """Admission limits of the continuous engine."""
+    """Admission limits of the continuous engine: the `Settings` fields of the same names,
+    with their bounds (see `server.config`)."""
 
     max_active: int = 16  # sequences decoding at once; each holds its KV caches (memory)
-    max_encoder_batch: int = 8  # windows encoded together when they join
+    max_batch_size: int = 8  # windows encoded together when they join (an encoder pass)
     max_queue_size: int = 256  # windows waiting to join; more raise QueueFullError
-    # While others decode and more requests are on their way (announced with `preparing()`),
-    # new windows wait up to max_join_wait_ms for min_encoder_batch of them to gather, so the
-    # encoder runs on fuller batches; otherwise they join at the next step.
-    min_encoder_batch: int = 1
-    max_join_wait_ms: float = 0.0
     # Each join (an encoder pass) holds every decoding sequence up. New windows wait while a
     # decoding sequence has spent more than this share of its decoding time held up so, so a
     # long transcript still progresses while short requests come and go (the p99). 1: off.
     max_join_share: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.max_active < 1:
-            raise ValueError(f"max_active must be >= 1, not {self.max_active}")
-        if self.max_encoder_batch < 1:
-            raise ValueError(f"max_encoder_batch must be >= 1, not {self.max_encoder_batch}")
-        if self.max_queue_size < 1:
-            raise ValueError(f"max_queue_size must be >= 1, not {self.max_queue_size}")
-        if not 1 <= self.min_encoder_batch <= self.max_encoder_batch:
-            raise ValueError("min_encoder_batch must be between 1 and max_encoder_batch")
-        if self.max_join_wait_ms < 0:
-            raise ValueError(f"max_join_wait_ms must be >= 0, not {self.max_join_wait_ms}")
-        if not 0 < self.max_join_share <= 1:
-            raise ValueError(f"max_join_share must be in (0, 1], not {self.max_join_share}")
+        check_bounds(self)
 
-    @property
-    def max_batch_size(self) -> int:
-        """What `Recognizer.backlogged` compares the queue depth with: a full encoder batch."""
-        return self.max_encoder_batch
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """Counters for metrics: gauges (pending, active) and running totals."""
-
-    pending: int  # windows waiting to join
-    active: int  # sequences in the decode batch now
-    decode_steps: int
-    step_rows: int  # sum over steps of the rows in each step (mean batch = step_rows / steps)
-    tokens_generated: int  # one per row per step, and each sequence's first token
-    sequences_finished: int
-    encoder_batches: int
-    encoder_windows: int
-    fallback_windows: int  # decoded by model.run_batch (options the engine doesn't cover)
-    join_s: float  # time in encoder + prompt passes
-    decode_s: float  # time in decode steps
-    fallback_s: float  # time in model.run_batch
+    @classmethod
+    def from_settings(cls, s: Settings) -> EngineConfig:
+        return cls(s.max_active, s.max_batch_size, s.max_queue_size, s.max_join_share)
 
 
 # -- the batcher side: queue, futures, the decode loop on the model worker --------------------
@@ -145,7 +115,7 @@ class _Request:
 
 
 class ContinuousEngine:
-    """The batcher interface of `server.batcher.MicroBatcher` (enqueue, submit_many, depth,
+    """The batcher interface (`server.batching.base.WindowBatcher`: enqueue, submit_many, depth,
     in_flight, start, drain, stop, on_batch) over iteration-level batched decoding.
 
     `on_batch` gets a `BatchStats` per encoder batch (size: windows that joined; infer_s:
@@ -187,7 +157,6 @@ class ContinuousEngine:
         # Windows off the queue and not yet resolved (changed on the worker thread, under
         # the lock): what a crash must still fail.
         self._in_hand: set[_Request] = set()
-        self._preparing = 0  # requests announced and still being prepared (loop thread)
         self._batches = 0
         self._counts: collections.Counter[str] = collections.Counter()
         self._seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
@@ -227,14 +196,9 @@ class ContinuousEngine:
 
     @contextlib.contextmanager
     def preparing(self) -> Iterator[None]:
-        """Announce a request that has arrived and is being prepared (audio decoding,
-        features): with min_encoder_batch > 1, waiting windows may wait for it to join
-        together (up to max_join_wait_ms)."""
-        self._preparing += 1
-        try:
-            yield
-        finally:
-            self._preparing -= 1
+        """Part of the interface; nothing to do here: a window joins at the next step, so
+        there is no batch window to hold open for requests still being prepared."""
+        yield
 
     def enqueue(
         self, items: list[WindowTask], deadline: float | None = None, background: bool = False
@@ -282,7 +246,7 @@ class ContinuousEngine:
             self._pending.clear()
             self._background.clear()
         for r in pending:
-            _fail(r.future, UnavailableError("server stopped before this request ran"))
+            settle(r.future, UnavailableError("server stopped before this request ran"))
         if self._job is not None:
             await asyncio.gather(self._job, return_exceptions=True)
             self._job = None
@@ -375,7 +339,7 @@ class ContinuousEngine:
         """Take windows off the queue in order: supported ones up to the free slots and the
         encoder batch cap, others into a fallback batch; drop cancelled and expired ones."""
         free = self.config.max_active - len(self.runtime.active)
-        cap = min(free, self.config.max_encoder_batch)
+        cap = min(free, self.config.max_batch_size)
         joining: list[_Request] = []
         fallback: list[_Request] = []
         now = time.monotonic()
@@ -402,10 +366,7 @@ class ContinuousEngine:
                 queue.popleft()
             self._in_hand.update(joining + fallback)
         for r in expired:
-            self._send(r.future, DeadlineExceededError(
-                f"deadline passed after {now - r.enqueued:.3f} s in the queue, "
-                "before the model could run it"
-            ))  # fmt: skip
+            self._send(r.future, expired_in_queue(now - r.enqueued))
         for r in joining + fallback:
             r.joined = now
         return joining, fallback
@@ -416,15 +377,11 @@ class ContinuousEngine:
             return True
         if free <= 0 or not self.depth:
             return False
-        if self.config.max_join_share < 1 and any(
-            seq.owner.held_s > self.config.max_join_share * (now - seq.owner.decoding)
-            for seq in self.runtime.active
-        ):
-            return False  # let the sequences decoding now catch up first
-        if self.depth >= min(free, self.config.min_encoder_batch) or not self._preparing:
-            return True  # enough for a batch, or nobody else is on the way
-        oldest = min(q[0].enqueued for q in (self._pending, self._background) if q)
-        return now - oldest >= self.config.max_join_wait_ms / 1000
+        # The tail guard: let the sequences decoding now catch up first.
+        share = self.config.max_join_share
+        return share >= 1 or not any(
+            seq.owner.held_s > share * (now - seq.owner.decoding) for seq in self.runtime.active
+        )
 
     def _drop_leavers(self) -> None:
         """Cancelled sequences and those past their deadline leave the batch now."""
@@ -599,7 +556,7 @@ class ContinuousEngine:
         future: asyncio.Future[Batched[WindowResult]],
         outcome: Batched[WindowResult] | Exception,
     ) -> None:
-        self._call_soon(_settle_future, future, outcome)
+        self._call_soon(settle, future, outcome)
 
     def _report(self, batch: list[_Request], infer_s: float, failures: int) -> None:
         if self.on_batch is not None:
@@ -611,19 +568,3 @@ class ContinuousEngine:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
             self._loop.call_soon_threadsafe(fn, *args)
-
-
-def _settle_future(
-    future: asyncio.Future[Batched[WindowResult]], outcome: Batched[WindowResult] | Exception
-) -> None:
-    if future.done():
-        return
-    if isinstance(outcome, Exception):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
-
-
-def _fail(future: asyncio.Future[Any], error: Exception) -> None:
-    if not future.done():
-        future.set_exception(error)

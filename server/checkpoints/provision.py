@@ -13,7 +13,7 @@ Built-in names win over same-named directories in the working directory; write
 ``./base`` to mean the directory. Conversions are serialized with ``fcntl.flock`` so
 several processes (e.g. server workers) starting at once convert only once.
 
-Run ``python -m server.models.provision [SPEC] [--cache-dir DIR]`` to pre-convert a
+Run ``python -m server.checkpoints.provision [SPEC] [--cache-dir DIR]`` to pre-convert a
 model (e.g. during a Docker build); it prints the path to load.
 """
 
@@ -35,17 +35,17 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.models.ct2_convert import (
+from server.checkpoints.ct2_convert import (
     SUPPORTED_DTYPES,
     ConversionError,
     convert_ct2_to_transformers,
     is_complete_checkpoint,
     iter_stale_temp_dirs,
 )
+from server.config import DEFAULT_MODEL, default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "tiny.en"
 DEFAULT_DTYPE = "float32"
 #: Files besides model.bin that the converter reads from a CTranslate2 directory.
 CT2_SIDE_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
@@ -179,13 +179,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/whisper-grpc``, or ``~/.cache/whisper-grpc``."""
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "whisper-grpc"
-
-
 @contextlib.contextmanager
 def cache_lock(cache_dir: Path, entry: str) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``<cache_dir>/.<entry>.lock``.
@@ -289,7 +282,7 @@ def resolve_model(spec: str, cache_dir: Path, dtype: str = DEFAULT_DTYPE) -> Res
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m server.models.provision",
+        prog="python -m server.checkpoints.provision",
         description="Provision a Whisper model (converting built-in CTranslate2 weights "
         "offline) and print the path or hub id to load.",
     )

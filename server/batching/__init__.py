@@ -1,10 +1,10 @@
 """Settings and a loaded model -> the batcher that feeds the model (the `engine` setting).
 
 `continuous` (the default) is iteration-level batching of the decoder
-(`server.models.continuous`): windows join and leave the running decode batch between steps,
+(`server.batching.continuous`): windows join and leave the running decode batch between steps,
 so nobody waits for the longest transcript of a batch. `generate` is the plain micro-batcher
-(`server.batcher`) over the model's `run_batch`. A model without a continuous runtime (the fake
-model of the tests) always gets the micro-batcher.
+(`server.batching.micro`) over the model's `run_batch`. A model without a continuous runtime
+(the fake model of the tests) always gets the micro-batcher.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
 
-from server.batcher import BatcherConfig, BatchStats, MicroBatcher, WindowBatcher
+from server.batching.base import BatchStats, WindowBatcher
+from server.batching.micro import BatcherConfig, MicroBatcher
 from server.config import Settings
 from server.models.base import SpeechModel
 
@@ -31,16 +32,12 @@ def build_batcher(
     s = settings
     if s.engine == "continuous" and model.supports_continuous:
         # Imported here: it needs torch, which the fake-model paths never load.
-        from server.models.continuous import ContinuousEngine, EngineConfig
+        from server.batching.continuous import ContinuousEngine, EngineConfig
 
-        config = EngineConfig(
-            max_active=s.max_active, max_encoder_batch=s.max_batch_size,
-            max_queue_size=s.max_queue_size, max_join_share=s.max_join_share,
-        )  # fmt: skip
+        config = EngineConfig.from_settings(s)
         return ContinuousEngine(model, executor, config, on_batch, on_fatal)
     if s.engine == "continuous":
         log.info("%s has no continuous decoder: using the generate engine", type(model).__name__)
-    batching = BatcherConfig(
-        s.max_batch_size, s.max_wait_ms, s.max_queue_size, s.max_prepare_wait_ms
+    return MicroBatcher(
+        model.run_batch, executor, BatcherConfig.from_settings(s), on_batch, on_fatal
     )
-    return MicroBatcher(model.run_batch, executor, batching, on_batch, on_fatal)

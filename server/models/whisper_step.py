@@ -1,5 +1,5 @@
 """Greedy Whisper decoding of many sequences at once, one token per step, sequences joining and
-leaving between steps: the model math under `server.models.continuous`.
+leaving between steps: the model math under `server.batching.continuous`.
 
 `BatchedDecoder` holds the per-sequence decoder state of up to `capacity` sequences in slots:
 the cross-attention keys and values (computed once per sequence from its encoder output) and
@@ -35,6 +35,14 @@ from torch.nn import functional as F
 
 from server.models.base import DecodeOptions, WindowResult
 from server.models.device import device_errors
+from server.models.runaway import is_looping, trim_loop
+from server.models.whisper_tokens import (
+    confidence,
+    language_in,
+    languages_by_id,
+    no_speech_id,
+    no_speech_probs,
+)
 
 
 @dataclass(frozen=True)
@@ -91,12 +99,6 @@ class BatchedDecoder:
         self.self_k, self.self_v = alloc(self_shape), alloc(self_shape)
         self.cross_k, self.cross_v = alloc(cross_shape), alloc(cross_shape)
         self.lengths = [0] * capacity  # tokens in each slot's self-attention cache
-
-    @staticmethod
-    def bytes_per_sequence(config: Any, max_positions: int, dtype: torch.dtype) -> int:
-        """Memory one slot holds: the cross K,V of 1500 frames and the self K,V cache."""
-        per_position = 2 * config.decoder_layers * config.d_model * dtype.itemsize
-        return per_position * (config.max_source_positions + max_positions)
 
     # -- slots --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -251,11 +253,10 @@ class GreedyRuntime:
         no_ts = getattr(gen, "no_timestamps_token_id", None)
         self.no_timestamps = None if no_ts is None else int(no_ts)
         self.lang_to_id: dict[str, int] = dict(getattr(gen, "lang_to_id", None) or {})
+        self.lang_by_id = languages_by_id(gen)
         self.task_to_id: dict[str, int] = dict(getattr(gen, "task_to_id", None) or {})
         self.multilingual = bool(model.info.multilingual)
-        self.no_speech = _token_id(model.tokenizer, "<|nospeech|>") or _token_id(
-            model.tokenizer, "<|nocaptions|>"
-        )
+        self.no_speech = no_speech_id(model.tokenizer)
         self.max_new_tokens = int(getattr(model, "max_new_tokens", 440))
         self.max_active = max_active
         self.suppression = Suppression.from_generation_config(
@@ -368,14 +369,14 @@ class GreedyRuntime:
             group = [i for i in order[start:] if len(inputs[i]) == length]
             ids = torch.as_tensor([inputs[i] for i in group], device=self.device)
             logits = self.decoder.prefill(first + start, ids).float()  # (k, T, vocab)
-            no_speech = self._no_speech_probs(logits[:, 0])
+            no_speech = no_speech_probs(logits[:, 0], self.no_speech)
             seqs, decisions = [], []
             for row, i in enumerate(group):
                 prompt = prompts[i]
                 seq = DecodeSequence(
                     owners[i], prompt,
                     min(self.max_new_tokens, self.decoder.max_positions - len(prompt)),
-                    _language_of(prompt, self.lang_to_id) if self.multilingual else "en",
+                    language_in(prompt, self.lang_by_id) or "" if self.multilingual else "en",
                     no_speech[row],
                 )  # fmt: skip
                 decisions.append(self._verify(seq, drafts[i], logits[row, len(prompt) - 1 :]))
@@ -447,11 +448,15 @@ class GreedyRuntime:
         self.active = []
 
     def result(self, seq: DecodeSequence) -> WindowResult:
+        seq.tokens = trim_loop(seq.tokens)
+        seq.logprobs = seq.logprobs[: len(seq.tokens)]
         text = self.model.tokenizer.decode(seq.tokens, skip_special_tokens=True).strip()
-        finite = [lp for lp in seq.logprobs if np.isfinite(lp)]
-        confidence = float(np.exp(np.mean(finite))) if finite else 0.0
         return WindowResult(
-            text, seq.language, confidence, float(seq.no_speech_prob), tokens=tuple(seq.tokens)
+            text,
+            seq.language,
+            confidence(seq.logprobs),
+            float(seq.no_speech_prob),
+            tokens=tuple(seq.tokens),
         )
 
     def _choose(self, seqs: list[DecodeSequence], scores: torch.Tensor) -> None:
@@ -476,29 +481,5 @@ class GreedyRuntime:
                 continue
             seq.tokens.append(token)
             seq.logprobs.append(logprob)
-            if len(seq.tokens) >= seq.max_new_tokens:
-                seq.finished = True
-
-    def _no_speech_probs(self, logits_at_sot: torch.Tensor) -> list[float]:
-        if self.no_speech is None:
-            return [0.0] * logits_at_sot.shape[0]
-        probs = torch.softmax(logits_at_sot, dim=-1)[:, self.no_speech]
-        return [float(p) for p in probs.tolist()]
-
-
-def _token_id(tokenizer: Any, token: str) -> int | None:
-    token_id = tokenizer.convert_tokens_to_ids(token)
-    return None if token_id in (None, tokenizer.unk_token_id) else int(token_id)
-
-
-def _language_of(prompt: list[int], lang_to_id: dict[str, int]) -> str:
-    codes = {i: tok.strip("<|>") for tok, i in lang_to_id.items()}
-    return next((codes[t] for t in prompt if t in codes), "")
-
-
-def suggest_max_active(hf_config: Any, memory_bytes: int, dtype: torch.dtype) -> int:
-    """How many sequences fit in `memory_bytes` of decoder state (at least 1)."""
-    per_sequence = BatchedDecoder.bytes_per_sequence(
-        hf_config, hf_config.max_target_positions, dtype
-    )
-    return max(1, memory_bytes // per_sequence)
+            if len(seq.tokens) >= seq.max_new_tokens or is_looping(seq.tokens):
+                seq.finished = True  # a loop (server.models.runaway) is trimmed in result()

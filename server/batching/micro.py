@@ -1,4 +1,5 @@
-"""An asyncio micro-batcher: many concurrent callers, one batch function, one worker thread.
+"""An asyncio micro-batcher (`--engine generate`): many concurrent callers, one batch function
+(the model's `run_batch`: transformers' `generate`), one worker thread.
 
 - The batch window opens at the first arrival: a batch runs when it holds `max_batch_size`
   items or `max_wait_ms` has passed since its oldest item arrived (monotonic clock).
@@ -8,14 +9,11 @@
   urgent items first, so interims never delay a final or a unary request.
 - Items whose caller went away (future cancelled) or whose deadline passed are dropped before
   the batch runs, so they cost no model time.
-- The batch function maps a list to a list of the same length, checked; an exception or a
-  length mismatch fails every item of that batch (and only that batch), and the loop goes on.
+- The batch function maps a list to a list of the same length, checked; a batch that raises is
+  retried in pieces (`run_in_pieces`), so only the items that fail alone fail, and the loop
+  goes on. An unrecoverable error stops the batcher (`on_fatal`).
 - The batch function runs on the executor given (one thread: the owner of the accelerator);
   the event loop never blocks on it. Results are set only on futures that are not done.
-
-`WindowBatcher` is the interface the recognizer and streams use; `MicroBatcher` (batched
-`generate`) and `server.models.continuous.ContinuousEngine` (iteration-level batching of the
-decoder) both provide it.
 """
 
 from __future__ import annotations
@@ -27,176 +25,27 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, TypeVar
 
-from server.errors import (
-    BatchError,
-    DeadlineExceededError,
-    DeviceOutOfMemoryError,
-    QueueFullError,
-    UnavailableError,
-    UnrecoverableError,
+from server.batching.base import (
+    Batched,
+    BatchStats,
+    EngineStats,
+    expired_in_queue,
+    gather_or_cancel,
+    queue_full,
+    run_in_pieces,
+    settle,
+    wait_idle,
 )
-from server.models.base import WindowResult, WindowTask
+from server.config import Settings, SettingsError, check_bounds
+from server.errors import UnavailableError, UnrecoverableError
 
 log = logging.getLogger(__name__)
 
 In = TypeVar("In")
 Out = TypeVar("Out")
-
-
-@dataclass(frozen=True)
-class Batched(Generic[Out]):
-    """A result with the server's account of how it was produced."""
-
-    value: Out
-    queue_s: float  # from submit to the start of its batch
-    infer_s: float  # the batch function's wall time
-    batch_size: int
-    batch_id: int  # tells apart the batches that served the windows of one request
-    # How infer_s splits (the continuous engine fills these; the micro-batcher's generate call
-    # is all decode): its own encoder pass (None: not measured apart), and the time it stood
-    # still while other windows' passes ran. decode_s is the rest.
-    encode_s: float | None = None
-    held_s: float = 0.0
-
-    @property
-    def decode_s(self) -> float:
-        return max(0.0, self.infer_s - (self.encode_s or 0.0) - self.held_s)
-
-
-@dataclass(frozen=True)
-class BatchStats:
-    """Handed to the `on_batch` hook after every batch, for metrics."""
-
-    size: int
-    queue_s: list[float]
-    infer_s: float
-    ok: bool  # no model call of this batch raised
-    failures: int = 0  # model calls that raised (a batch retried in pieces may have several)
-    kind: str = "batch"  # "batch" (a model call) or "step" (a failed continuous decode step)
-
-
-class _Limits(Protocol):
-    @property
-    def max_batch_size(self) -> int:
-        """Windows that make a full batch: more waiting means best-effort work should wait."""
-        ...
-
-
-class WindowBatcher(Protocol):
-    """What callers of a batcher rely on: bounded all-or-nothing queueing, background
-    priority, cancellation and deadlines, announced requests, and a drain on shutdown."""
-
-    @property
-    def engine(self) -> str:
-        """The `--engine` name this batcher implements."""
-        ...
-
-    @property
-    def config(self) -> _Limits: ...
-
-    @property
-    def depth(self) -> int: ...
-
-    @property
-    def in_flight(self) -> int: ...
-
-    async def submit_many(
-        self, items: list[WindowTask], deadline: float | None = None, background: bool = False
-    ) -> list[Batched[WindowResult]]: ...
-
-    def enqueue(
-        self, items: list[WindowTask], deadline: float | None = None, background: bool = False
-    ) -> list[asyncio.Future[Batched[WindowResult]]]: ...
-
-    def preparing(self) -> AbstractContextManager[None]: ...
-
-    def start(self) -> None: ...
-
-    async def drain(self, timeout_s: float) -> bool: ...
-
-    async def stop(self) -> None: ...
-
-
-async def gather_or_cancel(futures: list[asyncio.Future[Batched[Out]]]) -> list[Batched[Out]]:
-    """All the results, in order; if the caller is cancelled (or one fails), the rest are
-    cancelled, so no engine spends model time on a request nobody waits for."""
-    try:
-        return list(await asyncio.gather(*futures))
-    except BaseException:
-        for fut in futures:
-            fut.cancel()
-        raise
-
-
-def queue_full(depth: int, limit: int, needed: int) -> QueueFullError:
-    return QueueFullError(
-        f"server queue is full ({depth} of {limit} windows waiting, this request needs "
-        f"{needed}); retry with backoff"
-    )
-
-
-@dataclass
-class Pieces(Generic[Out]):
-    """What `run_in_pieces` gives back: one outcome per item, and the model calls that raised."""
-
-    outcomes: list[Out | Exception]
-    failures: int = 0
-
-
-def run_in_pieces(batch_fn: Callable[[list[In]], Sequence[Out]], items: list[In]) -> Pieces[Out]:
-    """`batch_fn(items)`, made so that one request can't fail another's (worker thread only).
-
-    Out of memory: the batch is retried in halves, down to single items; an item that runs
-    out of memory alone gets DeviceOutOfMemoryError (RESOURCE_EXHAUSTED). Any other error
-    (or a result list of the wrong length): each item is retried alone, so only the items
-    that fail alone fail (BatchError). UnrecoverableError is not retried: it propagates."""
-    try:
-        outs = list(batch_fn(items))
-        if len(outs) != len(items):
-            raise BatchError(f"model returned {len(outs)} results for a batch of {len(items)}")
-        return Pieces(list(outs))
-    except UnrecoverableError:
-        raise
-    except DeviceOutOfMemoryError as err:
-        if len(items) == 1:
-            return Pieces([_alone_out_of_memory(err)], 1)
-        log.warning("out of memory on a batch of %d: retrying in halves", len(items))
-        half = (len(items) + 1) // 2
-        pieces = [run_in_pieces(batch_fn, items[:half]), run_in_pieces(batch_fn, items[half:])]
-    except Exception as err:
-        if len(items) == 1:
-            log.exception("model call failed on one window")
-            return Pieces([as_batch_error(err)], 1)
-        log.warning("batch of %d failed (%s): retrying each window alone", len(items), err)
-        pieces = [run_in_pieces(batch_fn, [item]) for item in items]
-    outcomes = [o for p in pieces for o in p.outcomes]
-    return Pieces(outcomes, 1 + sum(p.failures for p in pieces))
-
-
-def as_batch_error(err: Exception) -> BatchError:
-    if isinstance(err, BatchError):
-        return err
-    return BatchError(f"model failed on this window: {type(err).__name__}")
-
-
-def _alone_out_of_memory(err: DeviceOutOfMemoryError) -> DeviceOutOfMemoryError:
-    return DeviceOutOfMemoryError(
-        f"{err}, even alone: the server has no memory to spare for it now; retry later or "
-        "send shorter audio"
-    )
-
-
-async def wait_idle(idle: asyncio.Event, timeout_s: float) -> bool:
-    """Wait up to timeout_s for `idle`; True if it was set in time."""
-    try:
-        await asyncio.wait_for(idle.wait(), timeout_s)
-    except asyncio.TimeoutError:
-        return False
-    return True
 
 
 @dataclass
@@ -209,6 +58,9 @@ class _Pending(Generic[In, Out]):
 
 @dataclass
 class BatcherConfig:
+    """The micro-batcher's settings: the `Settings` fields of the same names, with their
+    bounds (see `server.config`)."""
+
     max_batch_size: int = 8
     max_wait_ms: float = 10.0
     max_queue_size: int = 256
@@ -217,12 +69,13 @@ class BatcherConfig:
     max_prepare_wait_ms: float = 100.0
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, not {self.max_batch_size}")
-        if self.max_wait_ms < 0 or self.max_prepare_wait_ms < 0:
-            raise ValueError("max_wait_ms and max_prepare_wait_ms must be >= 0")
+        check_bounds(self)
         if self.max_queue_size < self.max_batch_size:
-            raise ValueError("max_queue_size must be >= max_batch_size")
+            raise SettingsError("max_queue_size must be >= max_batch_size")
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> BatcherConfig:
+        return cls(s.max_batch_size, s.max_wait_ms, s.max_queue_size, s.max_prepare_wait_ms)
 
 
 @dataclass
@@ -249,6 +102,7 @@ class MicroBatcher(Generic[In, Out]):
         self._idle = asyncio.Event()  # set while nothing is queued or running
         self._idle.set()
         self.failed: Exception | None = None  # the unrecoverable error that stopped it
+        self._current: list[_Pending[In, Out]] = []  # the batch on the worker now
 
     # -- callers -------------------------------------------------------------------------
     @property
@@ -303,6 +157,12 @@ class MicroBatcher(Generic[In, Out]):
         self._arrived.set()
         return [p.future for p in pendings]
 
+    async def warmup(self, batch_sizes: list[int]) -> None:
+        """Nothing beyond the model's own warm-up (`SpeechModel.warmup`, run when loading)."""
+
+    def stats(self) -> EngineStats | None:
+        return None  # the model-call metrics (on_batch) are all it has
+
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         if self._task is None:
@@ -326,8 +186,7 @@ class MicroBatcher(Generic[In, Out]):
                 self.on_fatal(error)
         self._accepting = False
         for p in [*running, *self._queue, *self._background]:
-            if not p.future.done():
-                p.future.set_exception(error)
+            settle(p.future, error)
         self._queue.clear()
         self._background.clear()
         self._idle.set()
@@ -344,9 +203,11 @@ class MicroBatcher(Generic[In, Out]):
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        for p in self._current:  # the batch on the worker when it stopped: nobody will hear
+            settle(p.future, UnavailableError("server stopped while this request was decoding"))
         for p in [*self._queue, *self._background]:
-            if not p.future.done():
-                p.future.set_exception(UnavailableError("server stopped before this request ran"))
+            settle(p.future, UnavailableError("server stopped before this request ran"))
+        self._current = []
         self._queue.clear()
         self._background.clear()
 
@@ -388,12 +249,7 @@ class MicroBatcher(Generic[In, Out]):
             if p.future.done():  # the caller went away: no model time for it
                 continue
             if p.deadline is not None and now >= p.deadline:
-                p.future.set_exception(
-                    DeadlineExceededError(
-                        f"deadline passed after {now - p.enqueued:.3f} s in the queue, "
-                        "before the model could run it"
-                    )
-                )
+                settle(p.future, expired_in_queue(now - p.enqueued))
                 continue
             batch.append(p)
         return batch
@@ -402,6 +258,7 @@ class MicroBatcher(Generic[In, Out]):
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         self._running = len(batch)
+        self._current = batch
         items = [p.item for p in batch]
         try:
             pieces = await loop.run_in_executor(self.executor, run_in_pieces, self.batch_fn, items)
@@ -410,19 +267,15 @@ class MicroBatcher(Generic[In, Out]):
             self._fail_fatal(err, batch)
             return
         finally:
-            self._running = 0
+            self._running = 0  # _current stays set if stop() cancelled us: it resolves them
+        self._current = []
         infer_s = time.monotonic() - started
         self._batches_run += 1
-        for p, out in zip(batch, pieces.outcomes, strict=True):
-            if p.future.done():
-                continue
-            if isinstance(out, Exception):
-                p.future.set_exception(out)
-            else:
-                p.future.set_result(
-                    Batched(out, started - p.enqueued, infer_s, len(batch), self._batches_run)
-                )
+        queue_s = [started - p.enqueued for p in batch]
+        for p, out, waited in zip(batch, pieces.outcomes, queue_s, strict=True):
+            settle(p.future, out if isinstance(out, Exception) else Batched(
+                out, waited, infer_s, len(batch), self._batches_run
+            ))  # fmt: skip
         if self.on_batch is not None:
-            queue_s = [started - p.enqueued for p in batch]
             ok = not pieces.failures
             self.on_batch(BatchStats(len(batch), queue_s, infer_s, ok, pieces.failures))
