@@ -11,7 +11,7 @@ MODEL ?= tiny.en
 HOST ?= 127.0.0.1
 
 .PHONY: install model serve test lint typecheck buf pytest protos bench bench-engines freeze clean images loadtest \
-	gpu-pack gpu-check bench-precision fuzz-long soak
+	gpu-pack gpu-check bench-precision fuzz-long soak study
 
 TORCH_VERSION := 2.13.0
 # PyTorch's own index of CPU wheels: torch from the default package index is the CUDA build
@@ -74,6 +74,18 @@ bench: model
 # The continuous engine against the generate engine and in-process generate (long: ~25 min here).
 bench-engines: model
 	$(PY) scripts/bench_engines.py --dataset $(BENCH_DATASET) --model $(MODEL)
+
+# The seed study on this host: generate per batch size per model, and the server at matching
+# concurrencies; study.csv/json/png in $(STUDY_OUT). Compare hosts with
+# `python -m server.bench study compare DIR... --price LABEL=$/h --out DIR`.
+STUDY_MODELS ?= tiny.en,base
+STUDY_BATCH_SIZES ?= 1,2,4,8,16
+STUDY_ARGS ?=
+STUDY_OUT ?= runs/study-$(shell date +%Y%m%d-%H%M%S)
+
+study: model
+	$(PY) -m server.bench study --dataset $(BENCH_DATASET)/test-clean --models $(STUDY_MODELS) \
+	  --batch-sizes $(STUDY_BATCH_SIZES) --out $(STUDY_OUT) $(STUDY_ARGS)
 
 LOADTEST_PORT ?= 50071
 DATASET ?= librispeech:test-clean

@@ -1,11 +1,13 @@
 """whisper-grpc load generator: Locust used as a library to sweep a Speech server over
-concurrency (closed loop) or arrival rate (open loop) with real audio, and report latency,
-throughput (RTFx), WER and the server's own timing per level.
+concurrency (closed loop), arrival rate (open loop) or concurrent live streams (paced in real
+time) with real audio, and report latency (final lag and interim latency, for streams),
+throughput (RTFx), WER and the server's own timing per level, or search for the highest level
+within an SLO.
 
 Only `loadgen.users`, `loadgen.client`, `loadgen.control`, `loadgen.runner`,
 `loadgen.distributed` and `loadgen.locustfile` import Locust (which monkey-patches the process
-with gevent); the rest (dataset, schedule, stats, report, compare, fetch, config) is plain Python
-and safe to import anywhere, tests included.
+with gevent); the rest (dataset, schedule, live, capacity, stats, report, compare, fetch,
+config) is plain Python and safe to import anywhere, tests included.
 """
 
 from __future__ import annotations

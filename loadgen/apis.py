@@ -9,7 +9,7 @@ chunks, and reads back (text, asr.v1 ServerTiming or None): only asr.v1 reports 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,8 +62,36 @@ class Api:
         timing = response.timing if self.name == "asr" and response.HasField("timing") else None
         return text.strip(), timing
 
-    def stream_requests(self, pcm: bytes, rate: int) -> Iterator[Any]:
+    def config_request(self, rate: int, interim: bool = False, interim_interval_ms: int = 0) -> Any:
+        """The first message of a stream: LINEAR16 at `rate`, interim results if asked."""
         raise NotImplementedError
+
+    def audio_request(self, chunk: bytes) -> Any:
+        raise NotImplementedError
+
+    def result_end_s(self, result: Any) -> float:
+        """Where the audio a streaming result reflects ends, in stream seconds."""
+        return float(result.result_end_time.ToNanoseconds()) / 1e9
+
+    def timing(self, response: Any) -> Any:
+        """The response's asr.v1 ServerTiming, or None (only asr.v1 reports one)."""
+        return response.timing if self.name == "asr" and response.HasField("timing") else None
+
+    def stream_requests(self, pcm: bytes, rate: int) -> Iterator[Any]:
+        return self.live_requests(chunks(pcm, rate), rate)
+
+    def live_requests(
+        self,
+        pieces: Iterable[bytes],
+        rate: int,
+        interim: bool = False,
+        interim_interval_ms: int = 0,
+    ) -> Iterator[Any]:
+        """The config, then one message per piece of audio as the iterable hands it out (a
+        live stream's paced chunks)."""
+        yield self.config_request(rate, interim, interim_interval_ms)
+        for piece in pieces:
+            yield self.audio_request(piece)
 
     def stream(self, stub: Any, pcm: bytes, rate: int, **call: Any) -> tuple[str, Any]:
         """Audio as fast as the stream takes it; the call ends when the server closes the
@@ -87,13 +115,18 @@ class AsrApi(Api):
             audio=asr_pb2.RecognitionAudio(content=item.data),
         )
 
-    def stream_requests(self, pcm: bytes, rate: int) -> Iterator[asr_pb2.StreamingRecognizeRequest]:
+    def config_request(
+        self, rate: int, interim: bool = False, interim_interval_ms: int = 0
+    ) -> asr_pb2.StreamingRecognizeRequest:
         config = asr_pb2.StreamingRecognitionConfig(
-            config=Config(encoding=Config.LINEAR16, sample_rate_hertz=rate, audio_channel_count=1)
+            config=Config(encoding=Config.LINEAR16, sample_rate_hertz=rate, audio_channel_count=1),
+            interim_results=interim,
+            interim_interval_ms=interim_interval_ms,
         )
-        yield asr_pb2.StreamingRecognizeRequest(streaming_config=config)
-        for chunk in chunks(pcm, rate):
-            yield asr_pb2.StreamingRecognizeRequest(audio_content=chunk)
+        return asr_pb2.StreamingRecognizeRequest(streaming_config=config)
+
+    def audio_request(self, chunk: bytes) -> asr_pb2.StreamingRecognizeRequest:
+        return asr_pb2.StreamingRecognizeRequest(audio_content=chunk)
 
 
 class GoogleApi(Api):
@@ -107,15 +140,19 @@ class GoogleApi(Api):
             audio=gs.RecognitionAudio(content=item.data),
         )
 
-    def stream_requests(self, pcm: bytes, rate: int) -> Iterator[gs.StreamingRecognizeRequest]:
+    def config_request(
+        self, rate: int, interim: bool = False, interim_interval_ms: int = 0
+    ) -> gs.StreamingRecognizeRequest:
         config = gs.StreamingRecognitionConfig(
             config=GConfig(
                 encoding=GConfig.LINEAR16, sample_rate_hertz=rate, language_code=LANGUAGE
-            )
+            ),
+            interim_results=interim,
         )
-        yield gs.StreamingRecognizeRequest(streaming_config=config)
-        for chunk in chunks(pcm, rate):
-            yield gs.StreamingRecognizeRequest(audio_content=chunk)
+        return gs.StreamingRecognizeRequest(streaming_config=config)
+
+    def audio_request(self, chunk: bytes) -> gs.StreamingRecognizeRequest:
+        return gs.StreamingRecognizeRequest(audio_content=chunk)
 
 
 class RivaApi(Api):
@@ -129,20 +166,25 @@ class RivaApi(Api):
         )
         return riva_asr_pb2.RecognizeRequest(config=config, audio=item.data)
 
-    def stream_requests(
-        self, pcm: bytes, rate: int
-    ) -> Iterator[riva_asr_pb2.StreamingRecognizeRequest]:
+    def config_request(
+        self, rate: int, interim: bool = False, interim_interval_ms: int = 0
+    ) -> riva_asr_pb2.StreamingRecognizeRequest:
         config = riva_asr_pb2.StreamingRecognitionConfig(
             config=riva_asr_pb2.RecognitionConfig(
                 encoding=Riva.LINEAR_PCM,
                 sample_rate_hertz=rate,
                 language_code=LANGUAGE,
                 max_alternatives=1,
-            )
+            ),
+            interim_results=interim,
         )
-        yield riva_asr_pb2.StreamingRecognizeRequest(streaming_config=config)
-        for chunk in chunks(pcm, rate):
-            yield riva_asr_pb2.StreamingRecognizeRequest(audio_content=chunk)
+        return riva_asr_pb2.StreamingRecognizeRequest(streaming_config=config)
+
+    def audio_request(self, chunk: bytes) -> riva_asr_pb2.StreamingRecognizeRequest:
+        return riva_asr_pb2.StreamingRecognizeRequest(audio_content=chunk)
+
+    def result_end_s(self, result: Any) -> float:
+        return float(result.audio_processed)  # Riva's end of the audio a result reflects
 
 
 APIS: dict[str, Api] = {

@@ -1,6 +1,7 @@
 """Command line: `python -m loadgen run|compare|fetch` (console script `whisper-grpc-loadgen`).
 
-    run      sweep a server over --concurrency (closed loop) and/or --rate (open loop) levels
+    run      sweep a server over --concurrency (closed loop) and/or --rate (open loop) levels,
+             or --streams (live real-time streams, --mode stream); --find-capacity searches
     compare  put several run folders side by side, with SLO capacity and cost
     fetch    download a LibriSpeech split from OpenSLR into the cache
 
@@ -63,6 +64,7 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait-ready", type=float, default=60.0, help="wait for SERVING, s [60]")
     p.add_argument("--progress-interval", type=float, default=2.0, help="progress line, s [2]")
     _add_level_flags(p.add_argument_group("load levels"))
+    _add_stream_flags(p.add_argument_group("live streams (--mode stream)"))
     _add_connection_flags(p.add_argument_group("connection"))
     _add_cache_flags(p)
     _add_distributed_flags(p.add_argument_group("distributed (Locust master/worker)"))
@@ -84,6 +86,35 @@ def _add_level_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--max-inflight", type=int, default=1000, help="open loop: drop beyond [1000]")
     g.add_argument("--late-ms", type=float, default=20.0, help="open loop: late beyond, ms [20]")
     g.add_argument("--generators", type=int, default=1, help="open loop: generators/process [1]")
+    g.add_argument(
+        "--find-capacity",
+        action="store_true",
+        help="search (grow x2, then bisect) for the highest level meeting the SLO, from the "
+        "one level given (--concurrency N, --rate R or --streams N); each probe is measured "
+        "like any level",
+    )
+    g.add_argument("--slo-p99-ms", type=float, help="--find-capacity: unary p99 at most")
+    g.add_argument("--slo-final-p99-ms", type=float, help="--find-capacity: p99 final lag")
+    g.add_argument("--max-capacity", type=float, default=1024, help="probe no higher [1024]")
+
+
+def _add_stream_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--streams", default="", help="live-stream levels (--mode stream): 1,2,4")
+    g.add_argument(
+        "--pace",
+        default="1.0",
+        help="audio seconds sent per second: 1.0 real time, 2 twice as fast, max as fast as "
+        "the server reads [1.0]",
+    )
+    g.add_argument("--chunk-ms", type=int, default=100, help="audio per message, ms [100]")
+    g.add_argument("--utterances", type=int, default=1, help="files per stream [1]")
+    g.add_argument("--gap-ms", type=int, default=1500, help="silence between them, ms [1500]")
+    g.add_argument(
+        "--behind-ms", type=float, default=500, help="a chunk this late: stream behind [500]"
+    )
+    g.add_argument(
+        "--interim-interval-ms", type=int, default=0, help="interim cadence to ask for [server's]"
+    )
 
 
 def _add_connection_flags(g: argparse._ArgumentGroup) -> None:
@@ -91,7 +122,7 @@ def _add_connection_flags(g: argparse._ArgumentGroup) -> None:
         "--mode",
         choices=["unary", "stream"],
         default="unary",
-        help="Recognize, or StreamingRecognize with the audio as LINEAR16 chunks [unary]",
+        help="Recognize, or live StreamingRecognize streams (levels from --streams) [unary]",
     )
     g.add_argument(
         "--api",
@@ -139,6 +170,7 @@ def _add_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", type=Path, help="run folders (each with summary.json)")
     p.add_argument("--out", type=Path, required=True, help="folder for the comparison")
     p.add_argument("--slo-p99-ms", type=float, help="latency SLO for the capacity column")
+    p.add_argument("--slo-final-p99-ms", type=float, help="stream runs: SLO on the p99 final lag")
     p.add_argument(
         "--price",
         action="append",
@@ -194,12 +226,30 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         mode=args.mode,
         api=args.api,
     )
+    concurrency = parse_int_list(args.concurrency, "--concurrency")
+    streams = parse_int_list(args.streams, "--streams")
+    if args.mode == "stream" and concurrency and not streams:
+        # Deployments pass --concurrency whatever the mode (compose, Kubernetes): in stream
+        # mode its levels are the numbers of concurrent live streams.
+        log.info("--mode stream: the --concurrency levels %s are live streams", concurrency)
+        concurrency, streams = (), concurrency
     return RunConfig(
         connection=connection,
         dataset=args.dataset,
         out=args.out,
-        concurrency=parse_int_list(args.concurrency, "--concurrency"),
+        concurrency=concurrency,
         rates=parse_float_list(args.rate, "--rate"),
+        streams=streams,
+        pace=_pace(args.pace),
+        chunk_ms=args.chunk_ms,
+        utterances=args.utterances,
+        gap_ms=args.gap_ms,
+        behind_ms=args.behind_ms,
+        interim_interval_ms=args.interim_interval_ms,
+        find_capacity=args.find_capacity,
+        slo_p99_ms=args.slo_p99_ms,
+        slo_final_p99_ms=args.slo_final_p99_ms,
+        max_capacity=args.max_capacity,
         duration_s=args.duration,
         warmup_s=args.warmup,
         stability=args.stability,
@@ -222,6 +272,15 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         master_bind_port=args.master_bind_port,
         worker_timeout_s=args.worker_timeout,
     )
+
+
+def _pace(text: str) -> float:
+    from loadgen.live import parse_pace
+
+    try:
+        return parse_pace(text)
+    except ValueError as err:
+        raise ConfigError(f"--pace takes a number > 0 or max, not {text!r}") from err
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -254,7 +313,9 @@ def _compare(args: argparse.Namespace) -> int:
 
     prices = parse_prices(args.price)
     runs = [load_run(path, prices) for path in args.runs]
-    _, text = write_compare(args.out, runs, args.slo_p99_ms, force=args.force)
+    _, text = write_compare(
+        args.out, runs, args.slo_p99_ms, force=args.force, slo_final_p99_ms=args.slo_final_p99_ms
+    )
     print(text)
     print(f"\nreport: {args.out / 'report.html'}")
     return 0

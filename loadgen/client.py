@@ -9,8 +9,9 @@ each API (`--api`) are in `loadgen.apis`.
 from __future__ import annotations
 
 import itertools
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -20,9 +21,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import loadgen.green  # noqa: F401  (gevent patching before grpc is used)
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from loadgen.apis import APIS
-from loadgen.config import Connection
+from loadgen.config import Connection, LevelPlan
 from loadgen.dataset import Item, pcm16
 from loadgen.errors import LoadgenError, UsageError
+from loadgen.live import Arrival, PacedChunks, UtteranceFigures, analyze, behind, chunk, layout
 from loadgen.stats import DROPPED, OK
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -38,6 +40,15 @@ class ModeNotSupported(UsageError):
 
 class Dropped(Exception):
     """Locust's stats need an exception for a request that was not sent."""
+
+
+class NoFinal(Exception):
+    """A stream ended without a final result for one of its utterances."""
+
+
+class BehindRealTime(Exception):
+    """A live stream's chunks went out later than real time allows (flow control pushed back,
+    or the generator could not keep up)."""
 
 
 def make_channels(conn: Connection) -> list[grpc.Channel]:
@@ -76,24 +87,29 @@ class SpeechClient:
         self._worker = worker
         self._requests: dict[str, Any] = {}
         self._pcm: dict[str, tuple[bytes, int]] = {}
+        if conn.mode == "stream":
+            # Streams score each final as it arrives: load the normalizer (transformers, a
+            # second or two) now, not on the event loop while other streams are being paced.
+            from server.evaluation import normalize
+
+            normalize("warm up")
 
     def call(self, item: Item, start_perf: float, sent_ts: float, late_ms: float = 0.0) -> None:
-        """One call; latency counts from start_perf (the scheduled time in open loop)."""
+        """One Recognize call; latency counts from start_perf (the scheduled time in open loop)."""
         stub = next(self._stubs)
         response: Any = None
         error: grpc.RpcError | None = None
         try:
-            if self._conn.mode == "stream":
-                response = self._stream(stub, item)
-            else:
-                response = self._unary(stub, item)
+            response = self._unary(stub, item)
         except grpc.RpcError as err:
             error = err
         latency_ms = (time.perf_counter() - start_perf) * 1000.0
-        fields = _fields(item, self._worker, sent_ts, latency_ms, late_ms, response, error)
+        fields = _fields(
+            item.id, item.audio_s, self._worker, sent_ts, latency_ms, late_ms, response, error
+        )
         self._fire(
             request_type="grpc",
-            name="StreamingRecognize" if self._conn.mode == "stream" else "Recognize",
+            name="Recognize",
             response_time=latency_ms,
             response_length=len(fields["transcript"]),
             exception=error,
@@ -128,14 +144,112 @@ class SpeechClient:
             stub, request, timeout=self._conn.timeout_s, metadata=self._conn.metadata or None
         )
 
-    def _stream(self, stub: Any, item: Item) -> tuple[str, Any]:
-        """Audio as fast as the stream takes it (no real-time pacing yet)."""
+    def _pcm16(self, item: Item) -> tuple[bytes, int]:
         if item.id not in self._pcm:
             self._pcm[item.id] = pcm16(item)
-        pcm, rate = self._pcm[item.id]
-        return self._api.stream(
-            stub, pcm, rate, timeout=self._conn.timeout_s, metadata=self._conn.metadata or None
+        return self._pcm[item.id]
+
+    def live(self, items: Sequence[Item], plan: LevelPlan, stream_id: str) -> None:
+        """One live stream: the items' audio (silence between them) paced by plan.pace in
+        plan.chunk_ms chunks, interim results on, read to the end; then one request event per
+        figure (see `_fire_live`)."""
+        stub = next(self._stubs)
+        pcm, rate, spans = layout(
+            [self._pcm16(i) for i in items], [i.id for i in items], plan.gap_ms / 1000
         )
+        chunk_s = plan.chunk_ms / 1000
+        paced = PacedChunks(chunk(pcm, rate, chunk_s), chunk_s, plan.pace)
+        audio_s = len(pcm) / 2 / rate
+        timeout_s = self._conn.timeout_s + (0 if math.isinf(plan.pace) else audio_s / plan.pace)
+        arrivals: list[Arrival] = []
+        error: grpc.RpcError | None = None
+        epoch = time.time() - time.perf_counter()
+        started = time.perf_counter()
+        try:
+            responses = stub.StreamingRecognize(
+                self._api.live_requests(paced, rate, True, plan.interim_interval_ms),
+                timeout=timeout_s,
+                metadata=self._conn.metadata or None,
+            )
+            for response in responses:
+                at = time.perf_counter()
+                timing = self._api.timing(response)
+                for r in response.results:
+                    text = r.alternatives[0].transcript if r.alternatives else ""
+                    end_s = self._api.result_end_s(r)
+                    arrivals.append(Arrival(at, r.is_final, text.strip(), end_s, timing))
+        except grpc.RpcError as err:
+            error = err
+        ended = time.perf_counter()
+        figures = analyze(spans, paced, arrivals)
+        late = behind(paced, plan.behind_ms / 1000)
+        by_id = {i.id: i for i in items}
+        for fig in figures:
+            first = fig.first_sent if fig.first_sent is not None else started
+            self._fire_live(fig, by_id[fig.span.item_id], stream_id, epoch + first,
+                            ((fig.final_at or ended) - first) * 1000.0, late, error)  # fmt: skip
+        if late:
+            worst_ms = max(paced.lateness_s(), default=0.0) * 1000.0
+            self._fire(
+                request_type="stream",
+                name="behind_real_time",
+                response_time=worst_ms,
+                response_length=0,
+                exception=BehindRealTime(f"a chunk went out {worst_ms:.0f} ms late"),
+            )
+
+    def _fire_live(
+        self,
+        fig: UtteranceFigures,
+        item: Item,
+        stream_id: str,
+        sent_ts: float,
+        latency_ms: float,
+        late: bool,
+        error: grpc.RpcError | None,
+    ) -> None:
+        """The utterance's events: `final_lag` (which carries our record), `first_interim`,
+        every `interim`, `flicker_words` and `final_wer` (response_time holds the count of
+        retracted words and the WER in percent: Locust only has one number per event)."""
+        got_final = fig.final_at is not None
+        response = (fig.transcript, fig.timing) if got_final else None
+        failure = None if got_final else error
+        fields = _fields(
+            item.id, item.audio_s, self._worker, sent_ts, latency_ms, 0.0, response, failure
+        )
+        exception: Exception | None = failure
+        if response is None and failure is None:
+            fields.update(status="NO_FINAL", error="the stream ended without a final")
+            exception = NoFinal(fields["error"])
+        nan = float("nan")
+        fields.update(
+            stream=stream_id,
+            first_interim_ms=nan if fig.first_interim_ms is None else fig.first_interim_ms,
+            interim_ms=tuple(fig.interim_ms),
+            final_lag_ms=nan if fig.final_lag_ms is None else fig.final_lag_ms,
+            flicker_words=fig.flicker_words,
+            backlog_ms=fig.backlog_ms,
+            behind=late,
+        )
+        fire = self._fire
+        fire(request_type="stream", name="final_lag",
+             response_time=fig.final_lag_ms if got_final else latency_ms,
+             response_length=len(fig.transcript), exception=exception,
+             context={"loadgen": fields})  # fmt: skip
+        if fig.first_interim_ms is not None:
+            fire(request_type="stream", name="first_interim",
+                 response_time=fig.first_interim_ms, response_length=0)  # fmt: skip
+        for ms in fig.interim_ms:
+            fire(request_type="stream", name="interim", response_time=ms, response_length=0)
+        if got_final:
+            fire(request_type="stream", name="flicker_words",
+                 response_time=fig.flicker_words, response_length=0)  # fmt: skip
+            if item.reference:
+                from server.evaluation import word_error_rate
+
+                wer = word_error_rate([item.reference], [fig.transcript])
+                fire(request_type="stream", name="final_wer", response_time=100.0 * wer,
+                     response_length=len(item.reference.split()))  # fmt: skip
 
 
 def _ms(duration: Any) -> float:
@@ -143,7 +257,8 @@ def _ms(duration: Any) -> float:
 
 
 def _fields(
-    item: Item,
+    item_id: str,
+    audio_s: float,
     worker: str,
     sent_ts: float,
     latency_ms: float,
@@ -152,12 +267,12 @@ def _fields(
     error: grpc.RpcError | None,
 ) -> dict[str, Any]:
     fields: dict[str, Any] = {
-        "item_id": item.id,
+        "item_id": item_id,
         "worker": worker,
         "sent_ts": sent_ts,
         "latency_ms": latency_ms,
         "status": OK,
-        "audio_s": item.audio_s,
+        "audio_s": audio_s,
         "late_ms": late_ms,
     }
     if error is not None:

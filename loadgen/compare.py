@@ -15,7 +15,14 @@ Per run and loop mode:
   one with the highest throughput achieved; a higher level that passes again after a failure
   does not count;
 * cost per 1,000 audio hours = price per hour x 1000 / RTFx, at the peak and at the SLO point
-  (needs the run's `--price-per-hour`); the cheapest run that meets the SLO is named.
+  (needs the run's `--price-per-hour`); the cheapest run that meets the SLO is named;
+* stream runs (`--streams`): streams per host at `--slo-final-p99-ms` (walking the levels up,
+  the highest before the first with a p99 final lag above it, an error or a stream behind
+  real time), and cost per 1,000 stream-hours = price per hour x 1000 / streams; the
+  cheapest card for live transcription is named next to the cheapest for files.
+
+Unary and stream runs may be compared together (one card's file run and live run, say): each
+is checked for comparability against the runs of its own mode.
 
 Runs are labelled by their `--label`, else the GPU (device) name from GetServerInfo.
 """
@@ -56,6 +63,12 @@ SAME_SETTINGS = (
     "max_inflight",
     "late_ms",
     "generators",
+    "pace",
+    "chunk_ms",
+    "utterances",
+    "gap_ms",
+    "behind_ms",
+    "interim_interval_ms",
 )
 """Load-generator settings that change what a figure means; the levels swept may differ."""
 
@@ -101,6 +114,8 @@ class Row:
     cost_1000h_slo: float | None
     wer: float | None
     run_dir: str
+    cost_1000_stream_h: float | None = None
+    """Stream runs: price per hour x 1000 / streams held at the SLO (slo_level)."""
 
 
 COLUMNS = list(Row.__dataclass_fields__)
@@ -134,7 +149,16 @@ def parse_prices(pairs: list[str]) -> dict[str, float]:
 
 
 def comparability(runs: list[Run]) -> list[str]:
-    """What differs between the runs and makes their figures incomparable (empty: nothing)."""
+    """What differs between runs of the same request mode and makes their figures
+    incomparable (empty: nothing). Unary and stream runs answer different questions (files,
+    live streams) and sit side by side in their own rows."""
+    differences = []
+    for mode in dict.fromkeys(str(r.meta.get("mode")) for r in runs):
+        differences += _differences([r for r in runs if str(r.meta.get("mode")) == mode], runs)
+    return differences
+
+
+def _differences(runs: list[Run], every: list[Run]) -> list[str]:
     facts: dict[str, list[Any]] = {}
     for run in runs:
         info = run.meta.get("server_info") or {}
@@ -151,7 +175,8 @@ def comparability(runs: list[Run]) -> list[str]:
         }
         for key, value in run_facts.items():
             facts.setdefault(key, []).append(value)
-    labels = [r.label for r in _unique_labels(runs)]
+    unique = {id(r): u.label for r, u in zip(every, _unique_labels(every), strict=True)}
+    labels = [unique[id(r)] for r in runs]
     return [
         f"{key} differs: "
         + ", ".join(f"{label}={value}" for label, value in zip(labels, values, strict=True))
@@ -161,7 +186,8 @@ def comparability(runs: list[Run]) -> list[str]:
 
 
 def level_x(level: dict[str, Any]) -> float:
-    return float(level["concurrency"] if level["mode"] == "closed" else level["rate"])
+    key = {"closed": "concurrency", "open": "rate", "stream": "streams"}[level["mode"]]
+    return float(level[key])
 
 
 def _num(value: Any) -> float:
@@ -207,6 +233,30 @@ def slo_capacity(levels: list[dict[str, Any]], slo_p99_ms: float) -> dict[str, A
     return max(passing, key=lambda lv: (_num(lv.get("audio_s_per_s")), -level_x(lv)), default=None)
 
 
+def meets_stream(level: dict[str, Any], slo_final_p99_ms: float) -> bool:
+    """A stream level within the SLO: its p99 final lag (p99_ms) within it, no errors and no
+    stream behind real time."""
+    return meets(level, slo_final_p99_ms) and not level.get("behind_streams")
+
+
+def stream_capacity(levels: list[dict[str, Any]], slo_final_p99_ms: float) -> dict[str, Any] | None:
+    """Walking up the stream levels, the highest before the first that fails (monotonic, as
+    slo_capacity): the streams this host holds within the SLO."""
+    held = None
+    for lv in sorted(levels, key=level_x):
+        if not meets_stream(lv, slo_final_p99_ms):
+            break
+        held = lv
+    return held
+
+
+def cost_per_1000_stream_h(price_per_hour: float | None, streams: float | None) -> float | None:
+    """Dollars per 1,000 stream-hours when one host holds `streams` live streams."""
+    if price_per_hour is None or not streams:
+        return None
+    return price_per_hour * AUDIO_HOURS / streams
+
+
 def cost_per_1000h(price_per_hour: float | None, audio_s_per_s: float | None) -> float | None:
     """Dollars to transcribe 1,000 hours of audio at this RTFx: it takes 1000/RTFx hours."""
     if price_per_hour is None or not audio_s_per_s or math.isnan(audio_s_per_s):
@@ -214,17 +264,26 @@ def cost_per_1000h(price_per_hour: float | None, audio_s_per_s: float | None) ->
     return price_per_hour * AUDIO_HOURS / audio_s_per_s
 
 
-def compare_runs(runs: list[Run], slo_p99_ms: float | None) -> list[Row]:
+def compare_runs(
+    runs: list[Run], slo_p99_ms: float | None, slo_final_p99_ms: float | None = None
+) -> list[Row]:
     rows = []
     for run in _unique_labels(runs):
         info = run.meta.get("server_info") or {}
         price = run.meta.get("price_per_hour")
-        for mode in ("closed", "open"):
+        for mode in ("closed", "open", "stream"):
             levels = [lv for lv in run.levels if lv.get("mode") == mode]
             if not levels:
                 continue
             top = peak(levels)
-            slo = slo_capacity(levels, slo_p99_ms) if slo_p99_ms is not None else None
+            if mode == "stream":
+                slo = (
+                    stream_capacity(levels, slo_final_p99_ms)
+                    if slo_final_p99_ms is not None
+                    else None
+                )
+            else:
+                slo = slo_capacity(levels, slo_p99_ms) if slo_p99_ms is not None else None
             rows.append(
                 Row(
                     label=run.label,
@@ -245,6 +304,9 @@ def compare_runs(runs: list[Run], slo_p99_ms: float | None) -> list[Row]:
                     cost_1000h_slo=cost_per_1000h(price, slo["audio_s_per_s"] if slo else None),
                     wer=top.get("wer") if top else None,
                     run_dir=str(run.path),
+                    cost_1000_stream_h=cost_per_1000_stream_h(price, level_x(slo))
+                    if mode == "stream" and slo
+                    else None,
                 )
             )
     return rows
@@ -268,12 +330,45 @@ def _unique_labels(runs: list[Run]) -> list[Run]:
 
 
 def cheapest(rows: list[Row], mode: str = "closed") -> Row | None:
-    """The run that meets the SLO at the lowest cost per 1,000 audio hours."""
-    priced = [r for r in rows if r.mode == mode and r.cost_1000h_slo is not None]
-    return min(priced, key=lambda r: r.cost_1000h_slo or 0.0, default=None)
+    """The run that meets the SLO at the lowest cost per 1,000 audio hours (closed, open), or
+    per 1,000 stream-hours (stream)."""
+
+    def cost(r: Row) -> float | None:
+        return r.cost_1000_stream_h if mode == "stream" else r.cost_1000h_slo
+
+    priced = [r for r in rows if r.mode == mode and cost(r) is not None]
+    return min(priced, key=lambda r: cost(r) or 0.0, default=None)
 
 
-def markdown(rows: list[Row], slo_p99_ms: float | None) -> str:
+def markdown(
+    rows: list[Row], slo_p99_ms: float | None, slo_final_p99_ms: float | None = None
+) -> str:
+    files = [r for r in rows if r.mode != "stream"]
+    live = [r for r in rows if r.mode == "stream"]
+    parts = [_files_markdown(files, slo_p99_ms)] if files else []
+    if live:
+        parts.append(_streams_markdown(live, slo_final_p99_ms))
+    return "\n\n".join(parts)
+
+
+def _streams_markdown(rows: list[Row], slo_final_p99_ms: float | None) -> str:
+    slo = f"final p99<={slo_final_p99_ms:g}ms" if slo_final_p99_ms is not None else "SLO"
+    header = [
+        "run", "engine", "dtype", "batch", "max_active", "mode", f"streams held ({slo})",
+        "final lag p99 ms there (n)", "RTFx there", "$/h", "$/1000 stream h", "WER",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        values = [
+            r.label, r.engine, r.dtype, r.max_batch_size, r.max_active, r.mode,
+            _level(r.slo_level), _p99_cell(r), r.slo_audio_s_per_s, r.price_per_hour,
+            r.cost_1000_stream_h, r.wer,
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(_fmt(v) for v in values) + " |")
+    return "\n".join(lines)
+
+
+def _files_markdown(rows: list[Row], slo_p99_ms: float | None) -> str:
     slo = f"p99<={slo_p99_ms:g}ms" if slo_p99_ms is not None else "SLO"
     header = [
         "run", "engine", "dtype", "batch", "max_active", "mode", "peak at", "peak RTFx",
@@ -316,16 +411,23 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def compare_plots(out: Path, runs: list[Run], slo_p99_ms: float | None) -> list[Path]:
+def compare_plots(
+    out: Path, runs: list[Run], slo_p99_ms: float | None, slo_final_p99_ms: float | None = None
+) -> list[Path]:
     """compare_latency.png (the hockey stick: p99 against throughput achieved),
     compare_throughput.png (RTFx achieved per level) and, with prices, compare_cost.png (cost
     per 1,000 audio hours against the SLO one would set)."""
-    modes = [m for m in ("closed", "open") if any(lv["mode"] == m for r in runs for lv in r.levels)]
+    modes = [
+        m
+        for m in ("closed", "open", "stream")
+        if any(lv["mode"] == m for r in runs for lv in r.levels)
+    ]
     if not modes:
         return []
     latency, throughput = [], []
-    slo_label = f"SLO p99 {slo_p99_ms:g} ms" if slo_p99_ms is not None else ""
     for mode in modes:
+        slo_ms = slo_final_p99_ms if mode == "stream" else slo_p99_ms
+        slo_label = f"SLO p99 {slo_ms:g} ms" if slo_ms is not None else ""
         p99, rtfx = [], []
         for run in _unique_labels(runs):
             levels = sorted(
@@ -349,22 +451,23 @@ def compare_plots(out: Path, runs: list[Run], slo_p99_ms: float | None) -> list[
             )
         latency.append(
             Panel(
-                f"p99 latency vs throughput achieved, {mode} loop",
+                f"p99 {'final lag' if mode == 'stream' else 'latency'} vs throughput achieved, "
+                + ("live streams" if mode == "stream" else f"{mode} loop"),
                 "RTFx achieved (audio s per s)",
-                "p99 latency (ms)",
+                "p99 final lag (ms)" if mode == "stream" else "p99 latency (ms)",
                 p99,
-                hline=slo_p99_ms,
+                hline=slo_ms,
                 hline_label=slo_label,
                 x_zero=True,
             )
         )
         throughput.append(
             Panel(
-                f"throughput achieved, {mode} loop",
+                "throughput achieved, " + ("live streams" if mode == "stream" else f"{mode} loop"),
                 XLABEL[mode],
                 "RTFx (audio s/s)",
                 rtfx,
-                integer_x=mode == "closed",
+                integer_x=mode != "open",
             )
         )
     plots = [
@@ -380,7 +483,8 @@ def compare_plots(out: Path, runs: list[Run], slo_p99_ms: float | None) -> list[
 def _note(level: dict[str, Any]) -> str:
     """Label of a point: its level, samples, errors."""
     x = level_x(level)
-    note = f"{'c' if level['mode'] == 'closed' else 'r'}={x:g} n={level.get('samples', '?')}"
+    letter = {"closed": "c", "open": "r", "stream": "s"}[level["mode"]]
+    note = f"{letter}={x:g} n={level.get('samples', '?')}"
     if level.get("errors"):
         note += f" err={level['errors']}"
     if level.get("saturated"):
@@ -425,7 +529,11 @@ def _cost_panel(runs: list[Run], slo_p99_ms: float | None) -> Panel | None:
 
 
 def write_compare(
-    out: Path, runs: list[Run], slo_p99_ms: float | None, force: bool = False
+    out: Path,
+    runs: list[Run],
+    slo_p99_ms: float | None,
+    force: bool = False,
+    slo_final_p99_ms: float | None = None,
 ) -> tuple[list[Row], str]:
     """All outputs of a comparison; returns the rows and the text printed to the terminal.
     Raises NotComparable when the runs differ in what their figures mean, unless `force`."""
@@ -437,28 +545,32 @@ def write_compare(
             "or pass --force to compare anyway"
         )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    rows = compare_runs(runs, slo_p99_ms)
+    rows = compare_runs(runs, slo_p99_ms, slo_final_p99_ms)
     best = cheapest(rows)
+    best_live = cheapest(rows, "stream")
+    verdicts = verdict_lines(rows, best, best_live, slo_p99_ms, slo_final_p99_ms)
     warning = (
         "WARNING: compared with --force although:\n" + "\n".join(f"- {d}" for d in differences)
         if differences
         else ""
     )
-    text = (warning + "\n\n" if warning else "") + markdown(rows, slo_p99_ms)
-    if slo_p99_ms is not None:
-        text += "\n\n" + _verdict(best, slo_p99_ms)
+    text = (warning + "\n\n" if warning else "") + markdown(rows, slo_p99_ms, slo_final_p99_ms)
+    if verdicts:
+        text += "\n\n" + "\n".join(verdicts)
     write_csv(out / "compare.csv", COLUMNS, (asdict(r) for r in rows))
     write_json(
         out / "compare.json",
         {
             "slo_p99_ms": slo_p99_ms,
+            "slo_final_p99_ms": slo_final_p99_ms,
             "differences": differences,
             "cheapest_meeting_slo": asdict(best) if best else None,
+            "cheapest_live_meeting_slo": asdict(best_live) if best_live else None,
             "rows": [asdict(r) for r in rows],
         },
     )
     (out / "compare.md").write_text(text + "\n", encoding="utf-8")
-    plots = compare_plots(out, runs, slo_p99_ms)
+    plots = compare_plots(out, runs, slo_p99_ms, slo_final_p99_ms)
     body = (
         "<h1>Load test comparison</h1>"
         + (
@@ -469,11 +581,33 @@ def write_compare(
             else ""
         )
         + html_table(COLUMNS, ([getattr(r, c) for c in COLUMNS] for r in rows))
-        + (f"<p>{_verdict(best, slo_p99_ms)}</p>" if slo_p99_ms is not None else "")
+        + "".join(f"<p>{html.escape(v)}</p>" for v in verdicts)
         + "".join(html_image(p) for p in plots)
     )
     write_html(out / "report.html", body, "whisper-grpc load test comparison")
     return rows, text
+
+
+def verdict_lines(
+    rows: list[Row],
+    best: Row | None,
+    best_live: Row | None,
+    slo_p99_ms: float | None,
+    slo_final_p99_ms: float | None,
+) -> list[str]:
+    """The cheapest card for files and, with stream runs, the cheapest for live streams."""
+    lines = [_verdict(best, slo_p99_ms)] if slo_p99_ms is not None else []
+    if slo_final_p99_ms is not None and any(r.mode == "stream" for r in rows):
+        if best_live is None:
+            lines.append(f"No priced stream run holds a stream within p99 final lag <= "
+                         f"{slo_final_p99_ms:g} ms.")  # fmt: skip
+        else:
+            lines.append(
+                f"Cheapest for live streams (p99 final lag <= {slo_final_p99_ms:g} ms): "
+                f"{best_live.label}, {best_live.slo_level:g} streams per host, "
+                f"${best_live.cost_1000_stream_h:,.2f} per 1,000 stream-hours."
+            )
+    return lines
 
 
 def _verdict(best: Row | None, slo_p99_ms: float) -> str:

@@ -84,6 +84,21 @@ class LevelPlan:
     """Open loop: arrivals beyond this many unanswered calls per process are dropped."""
     late_ms: float = 20.0
     """Open loop: a call sent more than this after its scheduled time counts as late."""
+    streams: int | None = None
+    """Live streams (`stream` mode): concurrent streams, one per user, each opening the next
+    stream when its last one ends."""
+    pace: float = 1.0
+    """Streams: audio seconds sent per second (1.0 real time; inf: as fast as gRPC takes it)."""
+    chunk_ms: int = 100
+    """Streams: audio per StreamingRecognize message."""
+    utterances: int = 1
+    """Streams: files per stream, with `gap_ms` of silence between them (endpointing)."""
+    gap_ms: int = 1500
+    behind_ms: float = 500.0
+    """Streams: a chunk sent more than this after its real-time due time means the stream
+    fell behind real time."""
+    interim_interval_ms: int = 0
+    """Streams: the server's interim cadence to ask for (0: the server's default)."""
 
     @property
     def rate_per_user(self) -> float:
@@ -92,10 +107,14 @@ class LevelPlan:
     @property
     def x(self) -> float:
         """The level's value on a plot's x axis: concurrency or rate."""
+        if self.mode == "stream":
+            return float(self.streams or 0)
         value = self.concurrency if self.mode == "closed" else self.rate
         return float(value or 0)
 
     def describe(self) -> str:
+        if self.mode == "stream":
+            return f"streams={self.streams}"
         return f"c={self.concurrency}" if self.mode == "closed" else f"rate={self.rate:g}/s"
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,6 +134,23 @@ class RunConfig:
     out: Path
     concurrency: tuple[int, ...] = ()
     rates: tuple[float, ...] = ()
+    streams: tuple[int, ...] = ()
+    """Live-stream levels (`--mode stream`): concurrent real-time streams."""
+    pace: float = 1.0
+    chunk_ms: int = 100
+    utterances: int = 1
+    gap_ms: int = 1500
+    behind_ms: float = 500.0
+    interim_interval_ms: int = 0
+    find_capacity: bool = False
+    """Search (grow, then bisect) for the highest level that meets the SLO, starting from the
+    first level given, instead of sweeping the levels given."""
+    slo_p99_ms: float | None = None
+    """Unary SLO for --find-capacity: p99 latency at most this."""
+    slo_final_p99_ms: float | None = None
+    """Stream SLO for --find-capacity: p99 final lag at most this."""
+    max_capacity: float = 1024.0
+    """--find-capacity does not probe above this level."""
     duration_s: float = 30.0
     """Measurement window per level (each window, with `stability`)."""
     warmup_s: float = 5.0
@@ -147,8 +183,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_connection(self.connection)
-        if not self.concurrency and not self.rates:
-            raise ConfigError("give --concurrency and/or --rate")
+        self._check_streams()
+        self._check_capacity()
+        if not self.concurrency and not self.rates and not self.streams:
+            raise ConfigError("give --concurrency and/or --rate (or --streams with --mode stream)")
         if any(c < 1 for c in self.concurrency):
             raise ConfigError(f"--concurrency values must be >= 1, not {self.concurrency}")
         if any(not (math.isfinite(r) and r > 0) for r in self.rates):
@@ -172,18 +210,94 @@ class RunConfig:
         if self.master and self.expect_workers < 1:
             raise ConfigError("--master needs --expect-workers N (N >= 1)")
 
+    def _check_streams(self) -> None:
+        if self.connection.mode == "stream" and (self.concurrency or self.rates):
+            raise ConfigError(
+                "--mode stream takes its levels from --streams N,N,... (live streams, paced "
+                "by --pace), not --rate, nor --concurrency beside --streams"
+            )
+        if self.streams and self.connection.mode != "stream":
+            raise ConfigError("--streams needs --mode stream")
+        if any(n < 1 for n in self.streams):
+            raise ConfigError(f"--streams values must be >= 1, not {self.streams}")
+        if not self.pace > 0:
+            raise ConfigError(f"--pace must be > 0 or max, not {self.pace}")
+        if not 10 <= self.chunk_ms <= 5000:
+            raise ConfigError(f"--chunk-ms must be 10..5000, not {self.chunk_ms}")
+        if not 1 <= self.utterances <= 100:
+            raise ConfigError(f"--utterances must be 1..100, not {self.utterances}")
+        if not 0 <= self.gap_ms <= 60_000 or not self.behind_ms > 0:
+            raise ConfigError("--gap-ms must be 0..60000 and --behind-ms > 0")
+        if self.interim_interval_ms < 0:
+            raise ConfigError("--interim-interval-ms must be >= 0")
+
+    def _check_capacity(self) -> None:
+        if not self.find_capacity:
+            if self.slo_p99_ms is not None or self.slo_final_p99_ms is not None:
+                raise ConfigError("--slo-p99-ms / --slo-final-p99-ms go with --find-capacity")
+            return
+        kinds = [bool(self.concurrency), bool(self.rates), bool(self.streams)]
+        if sum(kinds) != 1 or len(self.concurrency + self.rates + self.streams) != 1:
+            raise ConfigError(
+                "--find-capacity starts from one level: give exactly one of --concurrency N, "
+                "--rate R or --streams N"
+            )
+        if self.streams:
+            if self.slo_final_p99_ms is None or self.slo_p99_ms is not None:
+                raise ConfigError("--find-capacity with --streams needs --slo-final-p99-ms")
+        elif self.slo_p99_ms is None or self.slo_final_p99_ms is not None:
+            raise ConfigError("--find-capacity with --concurrency/--rate needs --slo-p99-ms")
+        slo = self.slo_p99_ms if self.slo_final_p99_ms is None else self.slo_final_p99_ms
+        if not (slo or 0) > 0:
+            raise ConfigError("the SLO must be > 0 ms")
+        if self.max_capacity < max(self.concurrency + self.rates + self.streams):
+            raise ConfigError("--max-capacity must be at least the starting level")
+
+    @property
+    def capacity_mode(self) -> str:
+        """What --find-capacity searches: `closed` (concurrency), `open` (rate), `stream`."""
+        return "stream" if self.streams else "open" if self.rates else "closed"
+
+    @property
+    def capacity_slo_ms(self) -> float:
+        value = self.slo_final_p99_ms if self.streams else self.slo_p99_ms
+        assert value is not None
+        return value
+
+    def plan_at(self, index: int, mode: str, x: float) -> LevelPlan:
+        """The plan of one level: concurrency, rate or streams x (a capacity probe)."""
+        if mode == "stream":
+            return self._plan(index, "stream", int(x), streams=int(x), **self._stream_fields())
+        if mode == "open":
+            return self._plan(index, "open", self.generators * self.processes, rate=x)
+        return self._plan(index, "closed", int(x), concurrency=int(x))
+
+    def _stream_fields(self) -> dict[str, Any]:
+        return {
+            "pace": self.pace,
+            "chunk_ms": self.chunk_ms,
+            "utterances": self.utterances,
+            "gap_ms": self.gap_ms,
+            "behind_ms": self.behind_ms,
+            "interim_interval_ms": self.interim_interval_ms,
+        }
+
     @property
     def processes(self) -> int:
         """Processes that generate load: the workers, or this one."""
         return self.expect_workers if self.master else 1
 
     def levels(self) -> list[LevelPlan]:
-        """The sweep: closed-loop levels first, then open-loop ones, in the order given."""
+        """The sweep: closed-loop levels first, then open-loop ones, then streams, in the order
+        given."""
         plans: list[LevelPlan] = []
-        for c in self.concurrency:
-            plans.append(self._plan(len(plans), "closed", c, concurrency=c))
-        for r in self.rates:
-            plans.append(self._plan(len(plans), "open", self.generators * self.processes, rate=r))
+        for mode, values in (
+            ("closed", self.concurrency),
+            ("open", self.rates),
+            ("stream", self.streams),
+        ):
+            for value in values:
+                plans.append(self.plan_at(len(plans), mode, value))
         return plans
 
     def _plan(self, index: int, mode: str, users: int, **level: Any) -> LevelPlan:

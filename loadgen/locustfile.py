@@ -6,7 +6,10 @@ distributed modes):
 
 Closed loop by default: each user waits for its response, so --users is the concurrency. With
 `--rate-per-user R` each user sends Poisson arrivals at R requests/s instead (open loop: total
-rate = users x R). Locust's charts show client latency; `--loadgen-out DIR` also writes
+rate = users x R). With `--mode stream` each user is a live stream after another, paced in
+real time (`--pace`, `--chunk-ms`, `--utterances`), and Locust's statistics show the stream
+events by name: final_lag, first_interim, interim, flicker_words, final_wer (percent),
+behind_real_time. Locust's charts show client latency; `--loadgen-out DIR` also writes
 loadgen's records.csv, summary.csv/json, plots and report.html when the test stops (single
 process only: in Locust's own distributed mode use Locust's statistics, or
 `python -m loadgen run --master`).
@@ -28,6 +31,7 @@ from locust.runners import LocalRunner, WorkerRunner
 import loadgen.green  # noqa: F401  (gRPC's gevent mode before any channel)
 from loadgen.config import TOKEN_FILE_ENV, Connection, LevelPlan, bearer_metadata, parse_metadata
 from loadgen.dataset import load_dataset
+from loadgen.live import parse_pace
 from loadgen.users import LoadContext, SpeechUser
 
 __all__ = ["SpeechUser"]  # the user class Locust runs
@@ -45,7 +49,10 @@ def _add_options(parser: Any) -> None:
     parser.add_argument(
         "--rate-per-user", type=float, default=0.0, help="open loop: req/s per user"
     )
-    parser.add_argument("--mode", default="unary", help="unary or stream")
+    parser.add_argument("--mode", default="unary", help="unary, or stream: live streams")
+    parser.add_argument("--pace", default="1.0", help="stream: 1.0 real time, 2, or max")
+    parser.add_argument("--chunk-ms", type=int, default=100, help="stream: audio per message")
+    parser.add_argument("--utterances", type=int, default=1, help="stream: files per stream")
     parser.add_argument("--tls", action="store_true", default=False, help="connect with TLS")
     parser.add_argument("--ca-cert", default="", help="PEM roots to trust (with --tls)")
     parser.add_argument("--grpc-metadata", default="", help="key=value[,key=value...]")
@@ -84,10 +91,18 @@ def build_context(environment: Any) -> LoadContext:
             mode=opts.mode,
         )
     )
+    ctx.control.begin(_plan(opts))
+    return ctx
+
+
+def _plan(opts: Any) -> LevelPlan:
+    """What every user does: live streams, closed loop, or Poisson arrivals per user."""
+    if opts.mode == "stream":
+        return LevelPlan(0, "stream", 1, streams=1, seed=opts.seed, pace=parse_pace(opts.pace),
+                         chunk_ms=opts.chunk_ms, utterances=opts.utterances)  # fmt: skip
     rate = opts.rate_per_user
     mode = "open" if rate > 0 else "closed"
-    ctx.control.begin(LevelPlan(0, mode, 1, rate=rate or None, seed=opts.seed))
-    return ctx
+    return LevelPlan(0, mode, 1, rate=rate or None, seed=opts.seed)
 
 
 SpeechUser.context_factory = build_context
@@ -126,6 +141,7 @@ def _write_report(out: Path, ctx: LoadContext, environment: Any) -> None:
         level=0,
         mode=plan.mode,
         concurrency=users if plan.mode == "closed" else None,
+        streams=users if plan.mode == "stream" else None,
         rate=(plan.rate or 0) * (users or 1) if plan.mode == "open" else None,
         references=ctx.dataset.references,
     )

@@ -23,7 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadgen.stats import CSV_COLUMNS, FIELDS, LOW_SAMPLES, SPLIT, LevelResult, LevelSummary
+from loadgen.stats import (
+    CSV_COLUMNS,
+    FIELDS,
+    LOW_SAMPLES,
+    SPLIT,
+    STREAM_CSV_COLUMNS,
+    LevelResult,
+    LevelSummary,
+)
 
 RECORD_COLUMNS = ["level", "mode", "concurrency", "rate", "phase", *FIELDS]
 
@@ -32,8 +40,9 @@ def write_run(out: Path, meta: dict[str, Any], results: Sequence[LevelResult]) -
     """Write every output of a run into out; returns the written paths by name."""
     out.mkdir(parents=True, exist_ok=True)
     summaries = [r.summary for r in results]
+    columns = summary_columns(summaries)
     paths = {
-        "summary.csv": write_csv(out / "summary.csv", CSV_COLUMNS, [s.to_row() for s in summaries]),
+        "summary.csv": write_csv(out / "summary.csv", columns, [s.to_row() for s in summaries]),
         "summary.json": write_json(
             out / "summary.json", {**meta, "levels": [s.to_dict() for s in summaries]}
         ),
@@ -45,10 +54,22 @@ def write_run(out: Path, meta: dict[str, Any], results: Sequence[LevelResult]) -
     return paths
 
 
+def is_stream_run(summaries: Sequence[LevelSummary]) -> bool:
+    return bool(summaries) and all(s.mode == "stream" for s in summaries)
+
+
+def summary_columns(summaries: Sequence[LevelSummary]) -> list[str]:
+    return STREAM_CSV_COLUMNS if is_stream_run(summaries) else CSV_COLUMNS
+
+
 def _record_rows(results: Sequence[LevelResult]) -> Iterable[dict[str, Any]]:
     for result in results:
         plan = result.plan
-        level = {"level": plan.index, "mode": plan.mode, "concurrency": plan.concurrency}
+        level = {
+            "level": plan.index,
+            "mode": plan.mode,
+            "concurrency": plan.concurrency or plan.streams,
+        }
         for record in sorted(result.records, key=lambda r: r.sent_ts):
             yield {
                 **level,
@@ -116,7 +137,27 @@ TABLE = [
     ("status", "status"),
 ]
 """The terminal's table (and the report's first one): the columns a card is chosen by."""
-DIGITS = {"wer": 3, "rps": 2, "audio_s_per_s": 2, "batch_size_mean": 1}
+STREAM_TABLE = [
+    ("mode", "mode"),
+    ("level", "streams"),
+    ("samples", "n"),
+    ("errors", "errors"),
+    ("first_interim_p50_ms", "first interim p50 ms"),
+    ("first_interim_p99_ms", "first interim p99 ms"),
+    ("interim_p50_ms", "interim p50 ms"),
+    ("interim_p99_ms", "interim p99 ms"),
+    ("final_lag_p50_ms", "final lag p50 ms"),
+    ("final_lag_p90_ms", "final lag p90 ms"),
+    ("p99_ms", "final lag p99 ms"),
+    ("final_lag_max_ms", "final lag max ms"),
+    ("wer", "WER"),
+    ("flicker_words", "flicker words"),
+    ("behind_streams", "behind"),
+    ("audio_s_per_s", "RTFx"),
+    ("status", "status"),
+]
+"""The table of a stream run (p99_ms is the final lag's, so it is marked like a p99)."""
+DIGITS = {"wer": 3, "rps": 2, "audio_s_per_s": 2, "batch_size_mean": 1, "flicker_words": 2}
 
 
 def status(s: LevelSummary) -> str:
@@ -164,9 +205,14 @@ def _table_row(s: LevelSummary, keys: Sequence[str]) -> list[str]:
     return out
 
 
+def table_spec(summaries: Sequence[LevelSummary]) -> list[tuple[str, str]]:
+    return STREAM_TABLE if is_stream_run(summaries) else TABLE
+
+
 def markdown_table(summaries: Sequence[LevelSummary]) -> str:
-    header = [title for _, title in TABLE]
-    keys = [key for key, _ in TABLE]
+    spec = table_spec(summaries)
+    header = [title for _, title in spec]
+    keys = [key for key, _ in spec]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_table_row(s, keys)) + " |" for s in summaries]
     if any(s.measured and s.p99_low_samples for s in summaries):
@@ -286,15 +332,22 @@ def _draw(ax: Any, series: Sequence[Series], style: str | None = None) -> None:
 
 
 def _x(s: LevelSummary) -> float:
+    if s.mode == "stream":
+        return float(s.streams or 0)
     value = s.concurrency if s.mode == "closed" else s.rate
     return float(value or 0)
 
 
-XLABEL = {"closed": "concurrency (requests in flight)", "open": "offered rate (requests/s)"}
+XLABEL = {
+    "closed": "concurrency (requests in flight)",
+    "open": "offered rate (requests/s)",
+    "stream": "concurrent live streams",
+}
+LETTER = {"closed": "c", "open": "r", "stream": "s"}
 
 
 def _point_note(s: LevelSummary) -> str:
-    note = f"{'c' if s.mode == 'closed' else 'r'}={_x(s):g} n={s.samples}"
+    note = f"{LETTER[s.mode]}={_x(s):g} n={s.samples}"
     if s.errors:
         note += f" err={s.errors}"
     if s.saturated:
@@ -306,6 +359,8 @@ def level_plots(out: Path, results: Sequence[LevelResult], label: str) -> list[P
     """latency.png, throughput.png, cdf.png, breakdown.png and timeseries.png: one panel per
     loop mode in the run."""
     summaries = [r.summary for r in results]
+    if is_stream_run(summaries):
+        return stream_plots(out, results, label)
     modes = [m for m in ("closed", "open") if any(s.mode == m for s in summaries)]
     if not modes:
         return []
@@ -356,6 +411,47 @@ def level_plots(out: Path, results: Sequence[LevelResult], label: str) -> list[P
     ]
 
 
+def stream_plots(out: Path, results: Sequence[LevelResult], label: str) -> list[Path]:
+    """stream.png (final lag percentiles, first interim and interim latency against streams),
+    then the CDF, where-the-time-went and over-time plots of the final lag."""
+    rows = sorted((r.summary for r in results if r.summary.measured), key=_x)
+    xs = [_x(s) for s in rows]
+    notes = [
+        _point_note(s) + (f" behind={s.behind_streams}" if s.behind_streams else "") for s in rows
+    ]
+    lag = Panel(
+        "final lag against streams",
+        XLABEL["stream"],
+        "final lag (ms)",
+        [
+            Series("p50", xs, [s.final_lag_p50_ms for s in rows]),
+            Series("p90", xs, [s.final_lag_p90_ms for s in rows]),
+            Series("p99", xs, [s.final_lag_p99_ms for s in rows], notes),
+            Series("max", xs, [s.final_lag_max_ms for s in rows], style="k+:"),
+        ],
+        integer_x=True,
+    )
+    interim = Panel(
+        "first interim and interim latency against streams",
+        XLABEL["stream"],
+        "ms",
+        [
+            Series("first interim p50", xs, [s.first_interim_p50_ms for s in rows]),
+            Series("first interim p99", xs, [s.first_interim_p99_ms for s in rows]),
+            Series("interim p50", xs, [s.interim_p50_ms for s in rows], style="s--"),
+            Series("interim p99", xs, [s.interim_p99_ms for s in rows], style="s--"),
+        ],
+        integer_x=True,
+    )
+    summaries = [r.summary for r in results]
+    return [
+        line_plots(out / "stream.png", [lag, interim], label),
+        cdf_plot(out / "cdf.png", results, ["stream"], label),
+        breakdown_plot(out / "breakdown.png", summaries, ["stream"], label),
+        timeseries_plot(out / "timeseries.png", results, ["stream"], label),
+    ]
+
+
 def cdf_plot(path: Path, results: Sequence[LevelResult], modes: Sequence[str], label: str) -> Path:
     """Latency CDF of each level's window (successful requests), one curve per level."""
     plt = _pyplot()
@@ -363,14 +459,14 @@ def cdf_plot(path: Path, results: Sequence[LevelResult], modes: Sequence[str], l
     for ax, mode in zip(axes[0], modes, strict=True):
         for result in sorted((r for r in results if r.plan.mode == mode), key=lambda r: r.plan.x):
             xs = sorted(
-                r.latency_ms for r in result.records if r.ok and result.phase(r) == "measure"
+                r.metric_ms for r in result.records if r.ok and result.phase(r) == "measure"
             )
             if xs:
                 ys = [(i + 1) / len(xs) for i in range(len(xs))]
                 ax.step(xs, ys, where="post", label=f"{result.plan.describe()} (n={len(xs)})")
         ax.set(
-            title=f"latency CDF per level, {mode} loop",
-            xlabel="latency (ms)",
+            title=f"latency CDF per level, {_mode_words(mode)}",
+            xlabel="final lag (ms)" if mode == "stream" else "latency (ms)",
             ylabel="share of requests",
         )
         ax.set_xlim(left=0)
@@ -417,7 +513,11 @@ def breakdown_plot(
         for x, (top, s) in enumerate(zip(bottom, rows, strict=True)):
             ax.annotate(f"n={s.samples}", (x, top), ha="center", va="bottom", fontsize=7)
         ax.set_xticks(positions, [f"{_x(s):g}" for s in rows])
-        ax.set(title=f"where the time went (mean), {mode} loop", xlabel=XLABEL[mode], ylabel="ms")
+        ax.set(
+            title=f"where the time went (mean), {_mode_words(mode)}",
+            xlabel=XLABEL[mode],
+            ylabel="final lag (ms)" if mode == "stream" else "ms",
+        )
         ax.grid(True, axis="y", alpha=0.3)
         if rows:
             ax.legend(fontsize="x-small", loc="upper left")
@@ -427,6 +527,10 @@ def breakdown_plot(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _mode_words(mode: str) -> str:
+    return "live streams" if mode == "stream" else f"{mode} loop"
 
 
 def _finite(value: float | None) -> float:
@@ -446,7 +550,7 @@ def timeseries_plot(
             ok = [r for r in result.records if r.ok]
             line = ax.plot(
                 [r.sent_ts - result.begin_ts for r in ok],
-                [r.latency_ms for r in ok],
+                [r.metric_ms for r in ok],
                 ".",
                 markersize=3,
                 label=result.plan.describe(),
@@ -460,8 +564,9 @@ def timeseries_plot(
             ax.axvspan(
                 0, first.first_window_ts - first.begin_ts, color="grey", alpha=0.15, label="warm-up"
             )
-        ax.set(title=f"latency over time within each level, {mode} loop",
-               xlabel="send time since the level began (s)", ylabel="latency (ms)")  # fmt: skip
+        ax.set(title=f"latency over time within each level, {_mode_words(mode)}",
+               xlabel="send time since the level began (s)",
+               ylabel="final lag (ms)" if mode == "stream" else "latency (ms)")  # fmt: skip
         ax.set_xlim(left=0)
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
@@ -497,7 +602,7 @@ _STYLE = (
     "th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}"
     "th{background:#f4f4f4;white-space:normal;vertical-align:bottom;max-width:5.5em}"
     "td:first-child,th:first-child{text-align:left}"
-    "table.meta td{text-align:left}table.meta td:first-child{font-weight:600}"
+    "table.meta td{text-align:left;white-space:normal}table.meta td:first-child{font-weight:600}"
     "details{margin:0.6em 0}details>div{overflow-x:auto}"
     ".warn{background:#fff3cd;border:1px solid #e0c060;padding:0.4em 1em}"
     ".note{color:#555;font-size:13px}"
@@ -535,6 +640,13 @@ def run_facts(meta: dict[str, Any]) -> list[tuple[str, Any]]:
             + f", warm-up {settings.get('warmup_s')} s, timeout {settings.get('timeout_s')} s,"
             f" seed {settings.get('seed')}, limit {settings.get('limit') or 'all files'}"
         )
+        if meta.get("mode") == "stream":
+            load += (
+                f"; streams paced {settings.get('pace')}x real time in "
+                f"{settings.get('chunk_ms')} ms chunks, {settings.get('utterances')} file(s) per "
+                f"stream ({settings.get('gap_ms')} ms apart), behind beyond "
+                f"{settings.get('behind_ms')} ms"
+            )
     return [
         (
             "target",
@@ -562,12 +674,32 @@ def run_facts(meta: dict[str, Any]) -> list[tuple[str, Any]]:
     ]
 
 
+def _capacity_html(meta: dict[str, Any]) -> str:
+    capacity = meta.get("capacity")
+    if not capacity:
+        return ""
+    tried = ", ".join(
+        f"{t['level']:g} ({'meets' if t['meets_slo'] else 'fails'})" for t in capacity["tried"]
+    )
+    found = capacity.get("capacity")
+    head = "none of the levels tried" if found is None else f"{found:g}"
+    return (
+        f"<h2>Capacity</h2><p>{capacity['slo']} at most {capacity['slo_ms']:g} ms: "
+        f"<b>{html.escape(head)}</b> ({capacity['mode']}); probed {html.escape(tried)}</p>"
+    )
+
+
 def run_page(meta: dict[str, Any], summaries: Sequence[LevelSummary], plots: Sequence[Path]) -> str:
-    keys = [key for key, _ in TABLE]
+    spec = table_spec(summaries)
+    keys = [key for key, _ in spec]
     price = meta.get("price_per_hour")
-    headers = [title for _, title in TABLE]
+    headers = [title for _, title in spec]
     rows = [_table_row(s, keys) for s in summaries]
-    if price is not None:
+    if price is not None and is_stream_run(summaries):
+        headers.insert(2, "$/1000 stream h")
+        for row, s in zip(rows, summaries, strict=True):
+            row.insert(2, f"{price * 1000 / s.streams:,.2f}" if s.streams else "-")
+    elif price is not None:
         headers.insert(6, "$/1000 audio h")
         for row, s in zip(rows, summaries, strict=True):
             ok = s.measured and s.audio_s_per_s > 0
@@ -579,7 +711,16 @@ def run_page(meta: dict[str, Any], summaries: Sequence[LevelSummary], plots: Seq
         "server's own timing (medians); SATURATED: an open-loop level whose offered load did "
         "not come back, never a peak."
     )
-    columns = list(CSV_COLUMNS)
+    if is_stream_run(summaries):
+        notes = (
+            "live streams paced in real time (see load); first interim: from an utterance's "
+            "first chunk sent to its first interim result; interim and final lag: a result's "
+            "arrival minus the send time of the newest chunk it reflects (Riva's method); n: "
+            "utterances sent in the window that got their final; flicker: words retracted "
+            "between consecutive interims, per utterance; behind: streams whose chunks went "
+            "out later than real time allows."
+        )
+    columns = summary_columns(summaries)
     everything = [[s.to_row().get(c) for c in columns] for s in summaries]
     return (
         f"<h1>Load test: {html.escape(str(meta.get('label', '')))}</h1>"
@@ -587,6 +728,7 @@ def run_page(meta: dict[str, Any], summaries: Sequence[LevelSummary], plots: Seq
         + "<h2>Levels</h2>"
         + html_table(headers, rows)
         + f"<p class='note'>{html.escape(notes)}</p>"
+        + _capacity_html(meta)
         + "<details><summary>every column (summary.csv)</summary><div>"
         + html_table(columns, everything)
         + "</div></details>"

@@ -23,6 +23,7 @@ from locust.env import Environment
 import loadgen
 import loadgen.green
 from loadgen import report
+from loadgen.capacity import Search, search, why_not
 from loadgen.client import check_mode_supported, make_channels, server_info, wait_until_serving
 from loadgen.config import Connection, LevelPlan, RunConfig
 from loadgen.dataset import Dataset, load_dataset
@@ -120,21 +121,85 @@ def run(config: RunConfig, argv: list[str]) -> tuple[int, str]:
     info = probe_server(config.connection, config.wait_ready_s)
     env = Environment(user_classes=[SpeechUser], host=config.connection.target)
     coordinator = _coordinator(config, env, dataset)
-    progress = Progress(sys.stderr, config.progress_interval_s, len(config.levels()))
+    levels = 0 if config.find_capacity else len(config.levels())
+    progress = Progress(sys.stderr, config.progress_interval_s, levels)
     results: list[LevelResult] = []
+    found: Search | None = None
     code = 0
     try:
-        for plan in config.levels():
-            results.append(run_level(plan, config, coordinator, dataset, progress))
+        if config.find_capacity:
+            found = find_capacity(config, coordinator, dataset, progress, results)
+        else:
+            for plan in config.levels():
+                results.append(run_level(plan, config, coordinator, dataset, progress))
     except KeyboardInterrupt:
         log.warning("interrupted: reporting the %d level(s) done", len(results))
         code = 130
     finally:
         coordinator.finish()
     meta = run_metadata(config, argv, dataset, info, started, coordinator)
+    if config.find_capacity:
+        meta["capacity"] = capacity_meta(config, found)
     report.write_run(config.out, meta, results)
     table = report.markdown_table([r.summary for r in results])
+    if config.find_capacity:
+        table += "\n\n" + capacity_line(meta["capacity"])
     return code, f"{table}\n\nreport: {config.out / 'report.html'}"
+
+
+def find_capacity(
+    config: RunConfig,
+    coordinator: Coordinator,
+    dataset: Dataset,
+    progress: Progress,
+    results: list[LevelResult],
+) -> Search:
+    """--find-capacity: probe levels (each a full level, appended to results) as
+    `loadgen.capacity.search` asks."""
+    mode, slo_ms = config.capacity_mode, config.capacity_slo_ms
+
+    def probe(x: float) -> bool:
+        plan = config.plan_at(len(results), mode, x)
+        result = run_level(plan, config, coordinator, dataset, progress)
+        results.append(result)
+        reason = why_not(result.summary, slo_ms)
+        log.info(
+            "capacity probe %s: %s",
+            plan.describe(),
+            f"fails ({reason})" if reason else "meets the SLO",
+        )
+        return not reason
+
+    start = (config.concurrency + config.rates + config.streams)[0]
+    return search(probe, float(start), integer=mode != "open", limit=config.max_capacity)
+
+
+def capacity_meta(config: RunConfig, found: Search | None) -> dict[str, Any]:
+    """What summary.json says about the search."""
+    return {
+        "mode": config.capacity_mode,
+        "slo": "p99 final lag" if config.streams else "p99 latency",
+        "slo_ms": config.capacity_slo_ms,
+        "capacity": found.capacity if found else None,
+        "limited_by_max": found.limited if found else False,
+        "tried": [{"level": x, "meets_slo": ok} for x, ok in (found.tried if found else [])],
+    }
+
+
+def capacity_line(capacity: dict[str, Any]) -> str:
+    what = {"closed": "concurrency", "open": "rate (req/s)", "stream": "streams"}[capacity["mode"]]
+    tried = ", ".join(
+        f"{t['level']:g}{'' if t['meets_slo'] else ' (fails)'}" for t in capacity["tried"]
+    )
+    if capacity["capacity"] is None:
+        head = f"capacity: no level tried meets {capacity['slo']} <= {capacity['slo_ms']:g} ms"
+    else:
+        head = (
+            f"capacity: {what} {capacity['capacity']:g} meets {capacity['slo']} <= "
+            f"{capacity['slo_ms']:g} ms"
+            + (" (the --max-capacity bound)" if capacity["limited_by_max"] else "")
+        )
+    return f"{head}; tried {tried}"
 
 
 def _coordinator(config: RunConfig, env: Environment, dataset: Dataset) -> Coordinator:
@@ -201,6 +266,7 @@ def run_level(
         late_ms=plan.late_ms,
         completions=completed_in(records, measure_ts, end_ts),
         seed=config.seed,
+        streams=plan.streams,
     )
     summary.windows = max(len(windows), 1)
     if config.stability:
@@ -280,18 +346,26 @@ class Progress:
         now = time.time()
         phase = "warmup" if now < window_ts else "cooldown" if self.cooling_down else "measure"
         since = [r for r in records if r.sent_ts >= (window_ts if now >= window_ts else begin_ts)]
-        ok = [r.latency_ms for r in since if r.ok]
+        ok = [r.metric_ms for r in since if r.ok]
         p50, p99 = percentiles(ok, [50, 99])
         latency = f"p50 {p50:.0f} ms, p99 {p99:.0f} ms" if ok else "no response yet"
         return (
-            f"[{plan.index + 1}/{self._levels} {plan.mode} {plan.describe()}] {phase} "
+            f"[{plan.index + 1}/{self._levels or '?'} {plan.mode} {plan.describe()}] {phase} "
             f"{now - begin_ts:5.1f} s | {len(since)} req, {len(since) - len(ok)} err | {latency}"
         )
 
     def done(self, plan: LevelPlan, s: LevelSummary) -> None:
-        head = f"[{plan.index + 1}/{self._levels} {plan.mode} {plan.describe()}] done: "
+        head = f"[{plan.index + 1}/{self._levels or '?'} {plan.mode} {plan.describe()}] done: "
         if not s.measured:
             self._write(f"{head}{s.requests} req, {s.errors} err: NOT MEASURED")
+            return
+        if plan.mode == "stream":
+            self._write(
+                f"{head}{s.utterances} utterances, {s.errors} err, RTFx {s.audio_s_per_s:.1f}, "
+                f"first interim p50 {s.first_interim_p50_ms:.0f} ms, final lag p50 "
+                f"{s.final_lag_p50_ms:.0f} ms p99 {s.final_lag_p99_ms:.0f} ms (n={s.samples}), "
+                f"{s.behind_streams} behind real time"
+            )
             return
         self._write(
             f"{head}{s.requests} req, {s.errors} err, goodput {s.rps:.2f} req/s"
@@ -331,6 +405,14 @@ def run_metadata(
         "settings": {
             "concurrency": list(config.concurrency),
             "rates": list(config.rates),
+            "streams": list(config.streams),
+            "pace": "max" if config.pace == float("inf") else config.pace,
+            "chunk_ms": config.chunk_ms,
+            "utterances": config.utterances,
+            "gap_ms": config.gap_ms,
+            "behind_ms": config.behind_ms,
+            "interim_interval_ms": config.interim_interval_ms,
+            "find_capacity": config.find_capacity,
             "duration_s": config.duration_s,
             "warmup_s": config.warmup_s,
             "stability": config.stability,

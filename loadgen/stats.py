@@ -64,6 +64,32 @@ class Record:
     encode_ms: float = NAN
     decode_ms: float = NAN
     held_ms: float = NAN
+    # Live streams (one record per utterance; latency_ms runs from its first chunk sent to
+    # its final's arrival, so done_ts is the final's arrival):
+    stream: str = ""
+    """Stream id (`<worker>:<n>`); empty for unary calls."""
+    first_interim_ms: float = NAN
+    """From the utterance's first chunk sent to its first interim result."""
+    interim_ms: tuple[float, ...] = ()
+    """Latency of every interim (arrival minus send time of the newest chunk it reflects)."""
+    final_lag_ms: float = NAN
+    """Arrival of the final minus the send time of the newest chunk it reflects."""
+    flicker_words: int = 0
+    """Words retracted between consecutive interims."""
+    backlog_ms: float = NAN
+    """Largest lateness of the utterance's chunks against their real-time schedule."""
+    behind: bool = False
+    """Its stream fell behind real time (a chunk more than --behind-ms late)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.interim_ms, tuple):  # a list, after msgpack
+            object.__setattr__(self, "interim_ms", tuple(self.interim_ms))
+
+    @property
+    def metric_ms(self) -> float:
+        """The latency percentiles are of: final lag for a stream's utterance, else the
+        call's latency."""
+        return self.final_lag_ms if self.stream else self.latency_ms
 
     @property
     def done_ts(self) -> float:
@@ -206,6 +232,25 @@ class LevelSummary:
     """With --stability: the verdict in words (windows used, spread of the last three)."""
     errors_by_code: dict[str, int] = field(default_factory=dict)
     requests_by_worker: dict[str, int] = field(default_factory=dict)
+    # Live streams (mode `stream`): a request is an utterance, and p50_ms..max_ms (with their
+    # intervals, and what an SLO is checked on) are of the final lag.
+    streams: int | None = None
+    utterances: int = 0
+    """Utterances whose first chunk went out in the window (= requests)."""
+    first_interim_p50_ms: float = NAN
+    first_interim_p99_ms: float = NAN
+    interim_p50_ms: float = NAN
+    interim_p99_ms: float = NAN
+    final_lag_p50_ms: float = NAN
+    final_lag_p90_ms: float = NAN
+    final_lag_p99_ms: float = NAN
+    final_lag_max_ms: float = NAN
+    flicker_words: float = NAN
+    """Words retracted between consecutive interims, per utterance (mean)."""
+    behind_streams: int = 0
+    """Streams of the window that fell behind real time."""
+    no_interim: int = 0
+    """Successful utterances that got no interim result before their final."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -216,6 +261,41 @@ class LevelSummary:
         row.update({f"{k}_p50_ms": v for k, v in self.split_p50_ms.items()})
         return row
 
+
+STREAM_CSV_COLUMNS = [
+    "mode",
+    "streams",
+    "measured",
+    "utterances",
+    "samples",
+    "errors",
+    "first_interim_p50_ms",
+    "first_interim_p99_ms",
+    "interim_p50_ms",
+    "interim_p99_ms",
+    "final_lag_p50_ms",
+    "final_lag_p90_ms",
+    "final_lag_p99_ms",
+    "final_lag_max_ms",
+    "p99_ci_ms",
+    "p99_low_samples",
+    "wer",
+    "flicker_words",
+    "behind_streams",
+    "no_interim",
+    "audio_s_per_s",
+    "rps",
+    "queue_p50_ms",
+    "infer_p50_ms",
+    *(f"{name}_p50_ms" for name in SPLIT),
+    "batch_size_mean",
+    "duration_s",
+    "windows",
+    "stable",
+    "stability",
+    "errors_by_code",
+]
+"""summary.csv of a stream run: the final-lag columns are p50_ms..max_ms of a unary run."""
 
 CSV_COLUMNS = [
     "mode",
@@ -279,6 +359,7 @@ def summarize(
     late_ms: float = 20.0,
     completions: Sequence[Record] | None = None,
     seed: int = 0,
+    streams: int | None = None,
 ) -> LevelSummary:
     """Aggregate one window's records (those sent in it). Latency percentiles are over
     successful requests only, so a fast rejection cannot make a level look quick.
@@ -290,7 +371,7 @@ def summarize(
     sent = [r for r in records if r.status != DROPPED]
     ok = [r for r in sent if r.ok]
     done = ok if completions is None else completions
-    latencies = [r.latency_ms for r in ok]
+    latencies = [r.metric_ms for r in ok]
     p50, p90, p95, p99, p100 = percentiles(latencies, [50, 90, 95, 99, 100])
     timed = [r for r in ok if not math.isnan(r.server_ms)]
     measured = bool(ok)
@@ -318,7 +399,7 @@ def summarize(
         queue_p50_ms=percentile((r.queue_ms for r in timed), 50),
         queue_p99_ms=percentile((r.queue_ms for r in timed), 99),
         infer_p50_ms=percentile((r.infer_ms for r in timed), 50),
-        overhead_p50_ms=percentile((r.latency_ms - r.server_ms for r in timed), 50),
+        overhead_p50_ms=percentile((r.metric_ms - r.server_ms for r in timed), 50),
         batch_size_mean=_mean([float(r.batch_size) for r in timed]),
         samples=len(ok),
         measured=measured,
@@ -333,7 +414,37 @@ def summarize(
         split_mean_ms=_split_means(timed),
         errors_by_code=dict(Counter(r.status for r in sent if not r.ok)),
         requests_by_worker=dict(Counter(r.worker for r in sent)),
+        **(_stream_figures(sent, ok, streams) if mode == "stream" else {}),
     )
+
+
+def _stream_figures(
+    sent: Sequence[Record], ok: Sequence[Record], streams: int | None
+) -> dict[str, Any]:
+    """The stream columns of a level: first interim, interim latency, final lag, flicker,
+    streams behind real time (of every utterance sent, failed ones included: a stream that
+    fell behind and then failed fell behind all the same)."""
+    first = [r.first_interim_ms for r in ok if not math.isnan(r.first_interim_ms)]
+    interims = [ms for r in ok for ms in r.interim_ms]
+    lags = [r.final_lag_ms for r in ok]
+    fi50, fi99 = percentiles(first, [50, 99])
+    i50, i99 = percentiles(interims, [50, 99])
+    f50, f90, f99, f100 = percentiles(lags, [50, 90, 99, 100])
+    return {
+        "streams": streams,
+        "utterances": len(sent),
+        "first_interim_p50_ms": fi50,
+        "first_interim_p99_ms": fi99,
+        "interim_p50_ms": i50,
+        "interim_p99_ms": i99,
+        "final_lag_p50_ms": f50,
+        "final_lag_p90_ms": f90,
+        "final_lag_p99_ms": f99,
+        "final_lag_max_ms": f100,
+        "flicker_words": _mean([float(r.flicker_words) for r in ok]),
+        "behind_streams": len({r.stream for r in sent if r.behind}),
+        "no_interim": sum(1 for r in ok if math.isnan(r.first_interim_ms)),
+    }
 
 
 def _split(records: Sequence[Record], stat: Any) -> dict[str, float]:
@@ -354,7 +465,7 @@ def _split_means(records: Sequence[Record]) -> dict[str, float]:
     for name in SPLIT:
         values = [getattr(r, f"{name}_ms") for r in records]
         out[name] = _mean([0.0 if math.isnan(v) else v for v in values])
-    out["network"] = _mean([r.latency_ms - r.server_ms for r in records])
+    out["network"] = _mean([r.metric_ms - r.server_ms for r in records])
     return out
 
 
@@ -415,7 +526,7 @@ class WindowStat:
 
 def window_stat(records: Sequence[Record], start_ts: float, end_ts: float) -> WindowStat:
     """Goodput (responses that arrived in the window) and the p99 of requests sent in it."""
-    ok = [r.latency_ms for r in in_window(records, start_ts, end_ts) if r.ok]
+    ok = [r.metric_ms for r in in_window(records, start_ts, end_ts) if r.ok]
     return WindowStat(
         len(completed_in(records, start_ts, end_ts)) / (end_ts - start_ts), percentile(ok, 99)
     )

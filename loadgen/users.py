@@ -1,4 +1,5 @@
-"""The Locust user: one simulated client of the Speech service.
+"""The Locust user: one simulated client of the Speech service (or one live stream after
+another, in a stream level).
 
 A user asks the process's `Control` for the current level, paces itself with that level's
 strategy (`loadgen.schedule`: closed loop blocks on each call, open loop sends at Poisson
@@ -44,6 +45,7 @@ class LoadContext:
     connection: Connection | None = None
     order: ReplayOrder = field(init=False)
     _generators: dict[int, int] = field(default_factory=dict)
+    _streams: int = 0
     _channels: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -63,6 +65,10 @@ class LoadContext:
         for channel in self._channels:
             channel.close()
         self._channels = []
+
+    def next_stream_id(self) -> str:
+        self._streams += 1
+        return f"{self.worker}:{self._streams}"
 
     def generator_index(self, level: int) -> int:
         """0, 1, ... for the users that start a level here, in the order they start: seeds
@@ -104,7 +110,9 @@ class SpeechUser(User):
         plan = ctx.control.wait_for_work()
         if plan.index != self._level:
             self._start_level(plan, ctx)
-        if self._pacing.blocking:
+        if plan.mode == "stream":
+            self._stream_step(ctx, plan)
+        elif self._pacing.blocking:
             self._closed_step(ctx)
         else:
             self._open_step(ctx, plan)
@@ -135,6 +143,19 @@ class SpeechUser(User):
         item = ctx.dataset.items[ctx.order.next()]
         try:
             ctx.client.call(item, time.perf_counter(), time.time())
+        finally:
+            ctx.control.release(token)
+
+    def _stream_step(self, ctx: LoadContext, plan: LevelPlan) -> None:
+        """One live stream (closed loop: the next opens when this one ends); its token holds
+        the level's end until the stream is over."""
+        assert ctx.client is not None
+        token = ctx.control.reserve(time.time())
+        if token is None or not ctx.control.start(token):
+            return
+        items = [ctx.dataset.items[ctx.order.next()] for _ in range(plan.utterances)]
+        try:
+            ctx.client.live(items, plan, ctx.next_stream_id())
         finally:
             ctx.control.release(token)
 

@@ -2,6 +2,7 @@
 one run, so the ratios are measured side by side on the same (possibly noisy) machine.
 
     python -m server.bench --dataset DIR [--model tiny.en] [--concurrency 1,4,8]
+    python -m server.bench study ...     the seed study (server.study)
 
 For each level it prints throughput (files/s, audio seconds per second) and p50/p99 latency:
 first the in-process references (plain transformers `generate` on batches of 1 and 8, with
@@ -236,6 +237,11 @@ def _ratio(a: Row, b: Row) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["study"]:  # the seed study: server/study.py
+        from server.study import main as study
+
+        return study(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__)
     parser.add_argument("--dataset", type=Path, required=True, help="folder of FLAC/WAV files")
     parser.add_argument("--model", default="tiny.en")

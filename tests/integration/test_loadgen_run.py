@@ -130,18 +130,20 @@ def test_sweep_closed_and_open_loop(real_server, tmp_path: Path):
 
 
 def test_stream_mode_with_stability_windows(real_server, tmp_path: Path):
-    """--mode stream against a server that streams, measured with --stability (capped)."""
+    """--mode stream replayed as fast as the server reads (--pace max), measured with
+    --stability (capped): the windows compare the final lag."""
     require_data()
     out = tmp_path / "stream"
     result = loadgen(
         "run", "--target", real_server.address, "--mode", "stream",
         "--dataset", str(LIBRISPEECH / "test-clean"), "--limit", "3",
-        "--concurrency", "2", "--warmup", "0", "--out", str(out),
+        "--streams", "2", "--pace", "max", "--warmup", "0", "--out", str(out),
         "--stability", "--duration", "2", "--max-windows", "3",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     (row,) = read_csv(out / "summary.csv")
-    assert int(row["requests"]) >= 2 and int(row["errors"]) == 0, row
+    assert int(row["utterances"]) >= 2 and int(row["errors"]) == 0, row
+    assert row["behind_streams"] == "0", row  # no schedule to fall behind
     assert float(row["wer"]) < WER_BOUND, row
     assert row["windows"] == "3" and row["stable"] in ("true", "false")
     assert row["stability"].endswith(")") and "after 3 windows (goodput ±" in row["stability"]
@@ -190,14 +192,17 @@ def test_vendor_apis(real_server, tmp_path: Path, api: str, mode: str, method: s
     """--api google|riva sends those vendors' requests to the same server."""
     require_data()
     out = tmp_path / api
+    # Streams as fast as the server reads (--pace max): live pacing is tested on asr.v1.
+    levels = ["--streams", "2", "--pace", "max"] if mode == "stream" else ["--concurrency", "2"]
     result = loadgen(
         "run", "--target", real_server.address, "--api", api, "--mode", mode,
         "--dataset", str(LIBRISPEECH / "test-clean"), "--limit", "3",
-        "--concurrency", "2", "--warmup", "0", "--duration", "2", "--out", str(out),
+        *levels, "--warmup", "0", "--duration", "2", "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     (row,) = read_csv(out / "summary.csv")
-    assert int(row["requests"]) >= 2 and int(row["errors"]) == 0, row
+    sent = row["utterances"] if mode == "stream" else row["requests"]
+    assert int(sent) >= 2 and int(row["errors"]) == 0, row
     assert float(row["wer"]) < WER_BOUND, row
     assert json.loads((out / "summary.json").read_text())["api"] == api
     registry = real_server.handle.metrics.registry
@@ -250,7 +255,7 @@ def test_stream_mode_is_rejected_when_the_server_lacks_it(unary_only_server: str
     out = tmp_path / "rejected"
     result = loadgen(
         "run", "--target", unary_only_server, "--mode", "stream",
-        "--dataset", str(LIBRISPEECH / "test-clean"), "--concurrency", "1",
+        "--dataset", str(LIBRISPEECH / "test-clean"), "--streams", "1",
         "--duration", "1", "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-4000:]

@@ -75,15 +75,56 @@ def level(index: int, mode: str, x: float, rng: random.Random) -> LevelResult:
     return LevelResult(plan, summary, records, begin, t0, t0, t1)
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def stream_level(index: int, streams: int, rng: random.Random) -> LevelResult:
+    """A live-stream level: final lag, interims and a stream that fell behind at the top."""
+    plan = LevelPlan(index, "stream", streams, streams=streams)
+    begin, t0, t1 = 1000.0, 1005.0, 1065.0
+    records = []
+    for i in range(300):
+        lag = rng.lognormvariate(6.0, 0.3) * (1 + streams / 32)
+        records.append(
+            Record(
+                f"u{i}",
+                "w0",
+                begin + i * 0.2,
+                8000.0 + lag,
+                OK,
+                8.0,
+                "text",
+                server_ms=lag * 0.8,
+                wait_ms=lag * 0.1,
+                encode_ms=lag * 0.3,
+                decode_ms=lag * 0.3,
+                held_ms=lag * 0.1,
+                prepare_ms=2.0,
+                stream=f"w0:{i % streams}",
+                first_interim_ms=1200.0 + lag,
+                interim_ms=(lag * 0.5, lag * 0.7),
+                final_lag_ms=lag,
+                flicker_words=i % 3,
+                behind=streams >= 64 and i % streams == 0,
+            )
+        )
+    summary = summarize(
+        in_window(records, t0, t1), t1 - t0, level=index, mode="stream", streams=streams,
+        completions=completed_in(records, t0, t1),
+    )  # fmt: skip
+    return LevelResult(plan, summary, records, begin, t0, t0, t1)
+
+
+@pytest.fixture(scope="module", params=["unary", "stream"])
+def report(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
     rng = random.Random(0)
-    levels = [("closed", c) for c in (1, 2, 4, 8, 16, 32, 64)] + [("open", r) for r in (5, 10, 20)]
-    results = [level(i, mode, x, rng) for i, (mode, x) in enumerate(levels)]
+    if request.param == "stream":
+        results = [stream_level(i, n, rng) for i, n in enumerate((1, 2, 4, 8, 16, 32, 64))]
+    else:
+        levels = [("closed", c) for c in (1, 2, 4, 8, 16, 32, 64)]
+        levels += [("open", r) for r in (5, 10, 20)]
+        results = [level(i, mode, x, rng) for i, (mode, x) in enumerate(levels)]
     meta = {
         "label": "h100-large-v3-bf16",
         "target": "server:50051",
-        "mode": "unary",
+        "mode": request.param,
         "price_per_hour": 4.1,
         "started_at": "2026-12-01T10:00:00+00:00",
         "loadgen_version": "0.1.0",
@@ -113,6 +154,11 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "seed": 0,
             "limit": None,
             "stability": False,
+            "pace": 1.0,
+            "chunk_ms": 100,
+            "utterances": 1,
+            "gap_ms": 1500,
+            "behind_ms": 500,
         },
     }
     out = tmp_path_factory.mktemp("browser")
