@@ -102,8 +102,9 @@ class ServerHandle:
         sent, and queued and running work finish, within the grace period; stop. True if all
         work finished within the grace period."""
         deadline = time.monotonic() + grace_s
-        await self.set_health(NOT_SERVING)
+        # Refuse first, then tell the balancers: whoever sees NOT_SERVING is refused too.
         self.servicer.draining = True
+        await self.set_health(NOT_SERVING)
         # Streams first, while the batcher still takes their finals: a client that half-closes
         # within the grace gets its final as usual; near its end, the streams still open stop
         # being read, get finals for what they sent, and end with UNAVAILABLE.

@@ -101,6 +101,10 @@ def test_sigterm_drains_queued_work_and_exits_zero(tiny_checkpoint):
         for reply in statuses:  # health flips before anything else happens
             assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
             break
+        with pytest.raises(grpc.RpcError) as refused:  # a new call after SIGTERM: refused
+            stub.Recognize(request, timeout=60)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (refused.value.details() or "")
         texts = [p.result().results[0].alternatives[0].transcript for p in pending]
         assert all("country" in t for t in texts)
         assert server.proc.wait(120) == 0
