@@ -224,7 +224,9 @@ def _decode_blocks(f: sf.SoundFile, max_duration_s: float) -> np.ndarray:
             # buffer_read, not read: read() asks for the position first, which libsndfile
             # can't tell for a FLAC of unknown length.
             raw = f.buffer_read(block, dtype="float32")
-        except (sf.LibsndfileError, RuntimeError) as err:
+        # soundfile asserts that a read got the frames it asked for: a broken MP3 stream
+        # (found by the fuzz pass) trips that, and is bad audio like any other.
+        except (sf.LibsndfileError, RuntimeError, AssertionError) as err:
             if unknown_length and frames:
                 break
             raise InvalidAudioError(
@@ -271,7 +273,7 @@ def _check_work(samples: int, max_duration_s: float) -> None:
 
 def _libsndfile_reason(err: BaseException) -> str:
     """libsndfile's own words, without the Python reprs (object addresses) around them."""
-    reason = getattr(err, "error_string", None) or str(err)
+    reason = getattr(err, "error_string", None) or str(err) or "the stream is corrupt"
     return clip(re.sub(r"<[^>]*>", "the audio", str(reason)), 200)
 
 
