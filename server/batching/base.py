@@ -188,7 +188,7 @@ def run_in_pieces(batch_fn: Callable[[list[In]], Sequence[Out]], items: list[In]
         raise
     except DeviceOutOfMemoryError as err:
         if len(items) == 1:
-            return Pieces([_alone_out_of_memory(err)], 1)
+            return Pieces([out_of_memory_alone(err)], 1)
         log.warning("out of memory on a batch of %d: retrying in halves", len(items))
         half = (len(items) + 1) // 2
         pieces = [run_in_pieces(batch_fn, items[:half]), run_in_pieces(batch_fn, items[half:])]
@@ -208,7 +208,7 @@ def as_batch_error(err: Exception) -> BatchError:
     return BatchError(f"model failed on this window: {type(err).__name__}")
 
 
-def _alone_out_of_memory(err: DeviceOutOfMemoryError) -> DeviceOutOfMemoryError:
+def out_of_memory_alone(err: DeviceOutOfMemoryError) -> DeviceOutOfMemoryError:
     return DeviceOutOfMemoryError(
         f"{err}, even alone: the server has no memory to spare for it now; retry later or "
         "send shorter audio"

@@ -58,6 +58,7 @@ from server.batching.base import (
     as_batch_error,
     expired_in_queue,
     gather_or_cancel,
+    out_of_memory_alone,
     queue_full,
     run_in_pieces,
     settle,
@@ -444,7 +445,7 @@ class ContinuousEngine:
     def _retry_join(self, joining: list[_Request], err: Exception) -> int:
         if len(joining) == 1:
             if isinstance(err, DeviceOutOfMemoryError):
-                self._close(joining[0], DeviceOutOfMemoryError(f"{err}, even alone"))
+                self._close(joining[0], out_of_memory_alone(err))
             else:
                 log.error("encoder pass failed on one window", exc_info=err)
                 self._close(joining[0], as_batch_error(err))
@@ -494,7 +495,7 @@ class ContinuousEngine:
                     continue
                 newest = self.runtime.active[-1]
                 self.runtime.leave([newest])
-                self._close(newest.owner, DeviceOutOfMemoryError(f"{err}, even alone"))
+                self._close(newest.owner, out_of_memory_alone(err))
 
     def _report_step_failure(self, rows: int, infer_s: float) -> None:
         if self.on_batch is not None:
