@@ -38,6 +38,8 @@ class Call:
     begun: bool = False  # the handler ran: gRPC handed us the call's context
     deadline: float | None = None  # monotonic, from the call's own deadline
     input_ended_at: float | None = None  # the request stream ended (half-close or refusal)
+    # The request stream ended because the call was over (not a half-close): what its client saw.
+    cut: grpc.StatusCode | None = None
     code: grpc.StatusCode | None = None  # the status counted, set once
 
     def begin(self, time_remaining: float | None) -> None:

@@ -72,10 +72,28 @@ def _check(request: Any) -> Any:
     return request
 
 
-async def _checked(request_iterator: AsyncIterator[Any], call: Call) -> AsyncIterator[Any]:
+async def _checked(
+    request_iterator: AsyncIterator[Any], call: Call, context: grpc.aio.ServicerContext
+) -> AsyncIterator[Any]:
     async for request in request_iterator:
         yield _check(request)
     call.input_ended()
+    if not await _still_open(context):  # judged now, while the refusal is fresh
+        call.cut = call.cut_short()
+
+
+async def _still_open(context: grpc.aio.ServicerContext) -> bool:
+    """Whether the call can still be answered. A request stream ends the same way for a
+    half-close and for a message gRPC refused (over the size limit: gRPC has answered the client
+    and ended the call); sending the initial metadata tells them apart while it hasn't been
+    sent (once a response was written, the next write fails instead)."""
+    try:
+        await context.send_initial_metadata(())
+    except grpc.aio.UsageError:  # already sent
+        return True
+    except Exception:  # the batch failed: the call is over
+        return False
+    return True
 
 
 _EOF = object()
@@ -150,12 +168,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             call.begin(context.time_remaining())
             try:
                 with self.access.admit(context, stream=True):
-                    async for response in behavior(_checked(request_iterator, call), context):
+                    requests = _checked(request_iterator, call, context)
+                    async for response in behavior(requests, context):
                         yield response
             except BaseException as err:
                 await self._fail(call, err, context)
                 raise
-            self._count_call(call, _ok_or_late(call))
+            self._count_call(call, call.cut or _ok_or_late(call))
 
         return wrapped
 
@@ -170,7 +189,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return
         if not isinstance(err, Exception):  # CancelledError: the client went away, its
             # deadline passed, or gRPC refused its message (gRPC answered the client itself)
-            self._count_call(call, call.cut_short())
+            self._count_call(call, call.cut or call.cut_short())
             return
         code = status_for(err)
         if call.late():

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
 from asr.v1 import asr_pb2
-from server.calls import DEADLINE_TOLERANCE_S, REFUSAL_WINDOW_S, Call
+from server.calls import DEADLINE_TOLERANCE_S, REFUSAL_WINDOW_S, Call, OpenCalls
 from server.config import Settings
 from server.embedded import EmbeddedServer
 from server.models.fake import FakeModel
@@ -77,25 +78,39 @@ def test_deadlines_that_pass_in_the_queue_are_all_deadline_exceeded(held):
     assert counts(server, "Recognize") == Counter({"DEADLINE_EXCEEDED": 10, "OK": 1})
 
 
-def test_short_deadlines_are_counted_even_when_they_pass_during_the_upload(held):
+def test_short_deadlines_are_counted_even_when_they_pass_during_the_upload(held, monkeypatch):
     """64 calls with a 50 ms deadline and 20 s of audio each: many end while their request is
-    still arriving, before any handler could run; each is counted as its client saw it."""
+    still arriving, before any handler could run; each is counted as its client saw it.
+
+    Only calls that reach the application can be counted: on a loaded machine gRPC may drop a
+    call whose deadline passes while it waits to be handed to the server's loop (the test
+    counts the calls that reached the interceptor, and checks that every one was counted)."""
+    reached = Counter[str]()
+    open_call = OpenCalls.open
+
+    def counting_open(self: OpenCalls, on_end: Callable[[], None]) -> None:
+        reached["calls"] += 1
+        open_call(self, on_end)
+
+    monkeypatch.setattr(OpenCalls, "open", counting_open)
     server, fake = held
     stub = server.stub()
     # Connected first: a call whose deadline passes while the channel connects never reaches
     # the server, and no server can count it.
     stub.GetServerInfo(asr_pb2.GetServerInfoRequest(), timeout=30)
     request = recognize_request(20.0)
+
+    def short_call(_: int) -> str:
+        return client_code(lambda: stub.Recognize(request, timeout=0.05))
+
     with ThreadPoolExecutor(8) as pool:
-        seen = Counter(
-            pool.map(
-                lambda _: client_code(lambda: stub.Recognize(request, timeout=0.05)), range(64)
-            )
-        )
+        seen = Counter(pool.map(short_call, range(64)))
     fake.gate.set()
-    assert sum(seen.values()) == 64
-    assert counts(server, "Recognize") == seen
+    assert seen == Counter({"DEADLINE_EXCEEDED": 64})
+    counted = counts(server, "Recognize")
     assert counts(server, "GetServerInfo") == Counter({"OK": 1})
+    assert counted == Counter({"DEADLINE_EXCEEDED": reached["calls"] - 1})
+    assert reached["calls"] - 1 >= 32, f"only {reached['calls'] - 1} of 64 calls reached the server"
 
 
 def test_an_oversize_unary_message_is_counted_resource_exhausted():
