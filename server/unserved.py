@@ -9,6 +9,9 @@ request whose client believes it asked for something it won't get.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any, cast
+
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
@@ -33,7 +36,9 @@ UNSERVED_CONFIG_FIELDS: dict[int, tuple[str, str]] = {
 def refuse_unserved_fields(config: Message) -> None:
     """INVALID_ARGUMENT for the first Google field asr.v1 does not serve that `config` (an
     asr.v1.RecognitionConfig) carries."""
-    for unknown in UnknownFieldSet(config):
+    # Iterable in both protobuf back ends; typed only in the pure-Python one.
+    unknown_fields = cast(Iterable[Any], UnknownFieldSet(config))
+    for unknown in unknown_fields:
         if unknown.field_number in UNSERVED_CONFIG_FIELDS:
             name, instead = UNSERVED_CONFIG_FIELDS[unknown.field_number]
             raise InvalidArgumentError(

@@ -32,6 +32,7 @@ def recognize_request(seconds: float = 1.0) -> asr_pb2.RecognizeRequest:
 def counts(server: EmbeddedServer, method: str) -> Counter[str]:
     """The server's counts once every call it saw has ended (its open calls drop to zero)."""
     assert server.call(lambda h: h.calls.idle(30)) is True
+    assert server.handle is not None
     registry = server.handle.metrics.registry
     found: Counter[str] = Counter()
     for code in grpc.StatusCode:

@@ -4,6 +4,8 @@ server gets INVALID_ARGUMENT naming the field and what to use instead."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 
@@ -17,7 +19,7 @@ from tests.conftest import tone, wav_bytes
 
 AUDIO = wav_bytes(tone(440, 1.0, 16_000), 16_000)
 PCM = (tone(440, 1.0, 16_000) * 32767).astype("<i2").tobytes()
-UNSERVED = {
+UNSERVED: dict[str, dict[str, Any]] = {
     "profanity_filter": {"profanity_filter": True},
     "speech_contexts": {"speech_contexts": [google.SpeechContext(phrases=["Kubernetes"])]},
     "enable_separate_recognition_per_channel": {"enable_separate_recognition_per_channel": True},
