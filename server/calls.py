@@ -58,6 +58,8 @@ class Call:
 
     def cut_short(self, now: float | None = None) -> grpc.StatusCode:
         """What the client saw of a call that ended without a status of ours."""
+        if self.cut is not None:  # judged when the request stream was cut
+            return self.cut
         now = time.monotonic() if now is None else now
         if not self.begun:  # gRPC answered before any handler ran: maximum_concurrent_rpcs
             return grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -189,7 +189,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return
         if not isinstance(err, Exception):  # CancelledError: the client went away, its
             # deadline passed, or gRPC refused its message (gRPC answered the client itself)
-            self._count_call(call, call.cut or call.cut_short())
+            self._count_call(call, call.cut_short())
             return
         code = status_for(err)
         if call.late():
