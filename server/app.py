@@ -5,7 +5,9 @@ health, reflection, the error interceptor) and
 returns a handle with the bound port, so tests can run a real server on port 0 in-process.
 `run()` is the production path: start listening with health NOT_SERVING, load and warm the
 model on the model worker thread, switch to SERVING, wait for SIGTERM/SIGINT, then drain:
-NOT_SERVING, refuse new work, finish what is queued and running within the grace period, stop.
+NOT_SERVING, refuse new work, finish what is queued and running within the grace period, then
+end what is left at once (health Watch streams, reflection): the grace bounds the work, not idle
+streams.
 
 The model worker is a single thread: the only one that ever touches the accelerator.
 """
@@ -27,7 +29,9 @@ from asr.v1 import asr_pb2, asr_pb2_grpc
 from asr.vendors import google_speech_pb2_grpc, riva_asr_pb2_grpc
 from server.batching import build_batcher
 from server.batching.base import WindowBatcher
+from server.calls import OpenCalls
 from server.config import Settings
+from server.health_watch import ClosingHealthServicer
 from server.interceptors import ErrorInterceptor
 from server.metrics import Metrics
 from server.models.base import SpeechModel
@@ -45,6 +49,9 @@ EXIT_UNRECOVERABLE = 70
 # Every speech API served, over the same recognizer: ours and the drop-in vendor ones.
 SPEECH_SERVICES = (SPEECH_SERVICE, google.SERVICE, riva.SERVICE)
 STREAM_FINAL_S = 5.0  # of the grace period, kept for the finals of streams cut at shutdown
+# Once our services' last responses are written: time for the health Watch streams to send their
+# end; reflection and other long-lived calls still open after it are cancelled.
+SETTLE_S = 1.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -57,8 +64,10 @@ class ServerHandle:
     port: int
     settings: Settings
     servicer: SpeechServicer
-    health: health.aio.HealthServicer
+    health: ClosingHealthServicer
     metrics: Metrics
+    # Our services' open calls (the interceptor's): the drain ends the rest once none is open.
+    calls: OpenCalls = field(default_factory=OpenCalls)
     worker: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="model-worker")
     )
@@ -99,8 +108,9 @@ class ServerHandle:
 
     async def drain_and_stop(self, grace_s: float) -> bool:
         """NOT_SERVING and refuse new calls at once; let open streams finalize the audio they
-        sent, and queued and running work finish, within the grace period; stop. True if all
-        work finished within the grace period."""
+        sent, and queued and running work finish, within the grace period; then end what is
+        left (health Watch streams, reflection) and stop. True if all work finished within the
+        grace period."""
         deadline = time.monotonic() + grace_s
         # Refuse first, then tell the balancers: whoever sees NOT_SERVING is refused too.
         self.servicer.draining = True
@@ -113,8 +123,12 @@ class ServerHandle:
         if self.batcher is not None:
             left_s = max(0.0, deadline - time.monotonic())
             drained = await self.batcher.drain(left_s) and drained
-        # The batcher is empty: what's left are handlers writing their responses.
-        await self.server.stop(grace=max(0.0, deadline - time.monotonic()))
+        # The batcher is empty: what's left are our handlers writing their responses.
+        drained = await self.calls.idle(deadline - time.monotonic()) and drained
+        # Nothing of ours is open: Watch streams get their final NOT_SERVING and end, and what
+        # still holds on (reflection, another Watch) is cancelled after SETTLE_S.
+        await self.health.close()
+        await self.server.stop(grace=min(SETTLE_S, max(0.0, deadline - time.monotonic())))
         if self.batcher is not None:
             await self.batcher.stop()
         self.worker.shutdown(wait=False, cancel_futures=True)
@@ -127,8 +141,9 @@ async def build_server(settings: Settings) -> ServerHandle:
     metrics = Metrics()
     access = Access.from_settings(settings)  # reads the token file: fails before binding
     credentials = server_credentials(settings)
+    interceptor = ErrorInterceptor(metrics, access)
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(metrics, access)],
+        interceptors=[interceptor],
         options=server_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
@@ -140,7 +155,7 @@ async def build_server(settings: Settings) -> ServerHandle:
     riva_asr_pb2_grpc.add_RivaSpeechRecognitionServicer_to_server(
         riva.RivaSpeechServicer(servicer), server
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = ClosingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection((*SPEECH_SERVICES, health.SERVICE_NAME), server)
     address = f"{settings.host}:{settings.port}"
@@ -150,7 +165,9 @@ async def build_server(settings: Settings) -> ServerHandle:
         port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
-    handle = ServerHandle(server, port, settings, servicer, health_servicer, metrics)
+    handle = ServerHandle(
+        server, port, settings, servicer, health_servicer, metrics, calls=interceptor.calls
+    )
     await handle.set_health(NOT_SERVING)
     return handle
 

@@ -34,8 +34,9 @@ class Metrics:
     def __post_init__(self) -> None:
         r = self.registry
         self.requests = Counter(
-            "asr_requests", "Finished RPCs by method and gRPC status code.", ["method", "code"],
-            registry=r,
+            "asr_requests", "Finished RPCs by method and the gRPC status their client saw (also "
+            "calls that ended before a handler ran: their deadline, gRPC's own refusals).",
+            ["method", "code"], registry=r,
         )  # fmt: skip
         self.queue_depth = Gauge(
             "asr_queue_depth", "Windows waiting in the batch queue.", registry=r

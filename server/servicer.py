@@ -27,6 +27,7 @@ from server.metrics import Metrics
 from server.models.base import MAX_PROMPT_BYTES, DecodeOptions
 from server.recognizer import Recognition, Recognizer, Segment, Timing
 from server.streaming import StreamEvent, StreamLimits, StreamSettings, StreamSlots, run_stream
+from server.unserved import refuse_unserved_fields
 
 Config = asr_pb2.RecognitionConfig
 
@@ -213,7 +214,7 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
             max_active=s.max_active if engine == "continuous" else 0,
             max_streams=s.max_streams,
             max_beam_size=s.max_beam_size,
-            max_stream_s=s.max_stream_s,
+            max_stream_duration_s=s.max_stream_s,
             stream_buffer_s=s.stream_buffer_s,
             stream_idle_timeout_s=s.stream_idle_timeout_s,
             endpoint_silence_ms=s.endpoint_silence_ms,
@@ -226,6 +227,7 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
     def _convert_config(
         self, config: asr_pb2.RecognitionConfig, recognizer: Recognizer
     ) -> tuple[AudioFormat, DecodeOptions]:
+        refuse_unserved_fields(config)  # Google's fields asr.v1 lacks: refused, not dropped
         if config.encoding not in _ENCODINGS:
             raise InvalidArgumentError(f"unknown audio encoding {config.encoding}")
         if config.task not in _TASKS:

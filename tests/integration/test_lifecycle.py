@@ -1,5 +1,6 @@
 """The server as a process: `python -m server` starts NOT_SERVING, loads, reports SERVING, and on
-SIGTERM finishes queued work, refuses new work and exits 0."""
+SIGTERM finishes queued work, refuses new work and exits 0 within seconds of the last response,
+even with a health Watch open (the grace period bounds the work, not idle streams)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from asr.v1 import asr_pb2, asr_pb2_grpc
 from tests.conftest import JFK_WAV, require_data
 
 ROOT = Path(__file__).resolve().parents[2]
+GRACE_S = 60
+EXIT_WITHIN_S = 10  # after the last response; before the fix, the open Watch held the grace
 
 
 class ServerProcess:
@@ -75,7 +79,7 @@ def test_sigterm_drains_queued_work_and_exits_zero(tiny_checkpoint):
     server = ServerProcess(
         "--model", str(tiny_checkpoint), "--metrics-port", "0", "--warmup", "false",
         "--engine", "generate", "--max-batch-size", "8", "--max-wait-ms", "10000",
-        "--grace-s", "120",
+        "--grace-s", str(GRACE_S),
     )  # fmt: skip
     # The generate engine with a 10 s batch window holds requests in its queue, so SIGTERM
     # surely finds work queued (the continuous engine's drain is tested in test_continuous).
@@ -106,8 +110,13 @@ def test_sigterm_drains_queued_work_and_exits_zero(tiny_checkpoint):
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "shutting down" in (refused.value.details() or "")
         texts = [p.result().results[0].alternatives[0].transcript for p in pending]
+        finished = time.monotonic()
         assert all("country" in t for t in texts)
-        assert server.proc.wait(120) == 0
+        # The Watch is still open: it ends with its last status, and the process exits 0 within
+        # seconds of the last response, far inside the grace period.
+        assert [r.status for r in statuses] == []
+        assert server.proc.wait(EXIT_WITHIN_S) == 0
+        assert time.monotonic() - finished < EXIT_WITHIN_S
     finally:
         if server.proc.poll() is None:
             os.kill(server.proc.pid, signal.SIGKILL)
