@@ -39,6 +39,7 @@ from server.recognizer import Recognizer, SpeechGate
 from server.reflection import enable_reflection
 from server.security import Access, server_credentials, server_options
 from server.servicer import SpeechServicer
+from server.speech import SpeechCore
 from server.vendors import google, riva
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class ServerHandle:
     server: grpc.aio.Server
     port: int
     settings: Settings
-    servicer: SpeechServicer
+    servicer: SpeechCore  # the speech core every API edge (asr.v1, Google, Riva) stands on
     health: ClosingHealthServicer
     metrics: Metrics
     # Our services' open calls (the interceptor's): the drain ends the rest once none is open.
@@ -147,8 +148,8 @@ async def build_server(settings: Settings) -> ServerHandle:
         options=server_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    servicer = SpeechServicer(settings, metrics)
-    asr_pb2_grpc.add_SpeechServicer_to_server(servicer, server)
+    servicer = SpeechCore(settings, metrics)
+    asr_pb2_grpc.add_SpeechServicer_to_server(SpeechServicer(servicer), server)
     google_speech_pb2_grpc.add_SpeechServicer_to_server(
         google.GoogleSpeechServicer(servicer), server
     )

@@ -124,8 +124,8 @@ class Settings:
     tls_client_ca: Path | None = None
     """PEM CA bundle: clients must present a certificate it signed (mutual TLS)."""
     auth_token_file: Path | None = None
-    """Bearer tokens, one per line (`#` comments): every `asr.v1` call needs
-    `authorization: Bearer <token>`; health and reflection stay open."""
+    """Bearer tokens, one per line (`#` comments): every call to the speech APIs (asr.v1,
+    Google, Riva) needs `authorization: Bearer <token>`; health and reflection stay open."""
     max_calls_per_client: int = bounded(0, 0, 100_000)
     """Concurrent calls (unary and streams) per client (its token, else its address); beyond:
     RESOURCE_EXHAUSTED. 0: no cap (behind a proxy all clients share its address), 0..100000."""

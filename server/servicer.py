@@ -1,32 +1,28 @@
-"""The Speech servicer: protobuf in, plain dataclasses to the recognizer, protobuf out.
+"""The asr.v1 edge: `asr.v1.Speech`'s messages in, plain types to the speech core, messages out.
 
-The only module besides `server.app` that imports generated code. Handlers are short scripts:
-validate and convert the request, await the recognizer, convert the result. Errors are raised
-as `server.errors` exceptions and mapped to statuses by `server.interceptors`.
+A thin sibling of the Google and Riva edges in `server.vendors`: handlers are short scripts
+that validate and convert the request, await `server.speech.SpeechCore`, and convert the
+result. Errors are raised as `server.errors` exceptions and mapped to statuses by
+`server.interceptors`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
 
 import server
 from asr.v1 import asr_pb2, asr_pb2_grpc
 from server.audio import AudioFormat, Encoding
-from server.config import Settings
-from server.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError, clip
-from server.metrics import Metrics
+from server.edge import audio_chunks, audio_time, duration, first_message, time_remaining_s
+from server.errors import InvalidArgumentError
 from server.models.base import MAX_PROMPT_BYTES, DecodeOptions
 from server.recognizer import Recognition, Recognizer, Segment, Timing
-from server.streaming import StreamEvent, StreamLimits, StreamSettings, StreamSlots, run_stream
+from server.speech import SpeechCore, check_model
+from server.streaming import StreamEvent, StreamSettings
 from server.unserved import refuse_unserved_fields
 
 Config = asr_pb2.RecognitionConfig
@@ -50,100 +46,34 @@ _TASKS = {
 
 @dataclass
 class SpeechServicer(asr_pb2_grpc.SpeechServicer):
-    settings: Settings
-    metrics: Metrics
-    recognizer: Recognizer | None = None  # None until the model is loaded and warmed up
-    streams: StreamSlots = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.streams = StreamSlots(self.settings.max_streams)
-
-    draining: bool = False  # set on SIGTERM: new calls are refused, open streams may finish
-
-    def _ready(self) -> Recognizer:
-        if self.draining:
-            raise UnavailableError("server is shutting down; retry on another replica")
-        if self.recognizer is None:
-            raise UnavailableError("model is still loading; retry when health says SERVING")
-        return self.recognizer
+    core: SpeechCore
 
     async def Recognize(
         self, request: asr_pb2.RecognizeRequest, context: grpc.aio.ServicerContext
     ) -> asr_pb2.RecognizeResponse:
-        recognizer = self._ready()
+        recognizer = self.core.ready()
         fmt, options = self._convert_config(request.config, recognizer)
         if request.audio.WhichOneof("audio_source") != "content":
             raise InvalidArgumentError("audio.content is required")
-        return _response(await self.recognize(request.audio.content, fmt, options, context))
-
-    async def recognize(
-        self,
-        content: bytes,
-        fmt: AudioFormat,
-        options: DecodeOptions,
-        context: grpc.aio.ServicerContext,
-    ) -> Recognition:
-        """One unary recognition in plain types: what every API's Recognize comes down to
-        (asr.v1 here, the Google and Riva edges in `server.vendors`)."""
-        result = await self._ready().recognize(content, fmt, options, _deadline(context))
-        self.metrics.audio_seconds.inc(result.timing.audio_s)
-        return result
+        result = await self.core.recognize(
+            request.audio.content, fmt, options, time_remaining_s(context)
+        )
+        return _response(result)
 
     async def StreamingRecognize(
         self,
         request_iterator: AsyncIterator[asr_pb2.StreamingRecognizeRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[asr_pb2.StreamingRecognizeResponse]:
-        recognizer = self._ready()
-        with self.stream_slot():
-            first = await self.first_message(request_iterator)
+        recognizer = self.core.ready()
+        with self.core.stream_slot():
+            timeout_s = self.core.settings.stream_idle_timeout_s
+            first = await first_message(request_iterator, timeout_s)
             if first is None:
                 return  # the client closed without sending anything: nothing to recognize
             cfg = self._stream_settings(first.streaming_config, recognizer)
-            async for event in self.stream(audio_chunks(request_iterator), cfg):
+            async for event in self.core.stream(audio_chunks(request_iterator), cfg):
                 yield _stream_response(event)
-
-    @contextlib.contextmanager
-    def stream_slot(self) -> Iterator[None]:
-        """A stream holds a slot (and counts as active) from its first byte, whatever its API:
-        one that never sends its config is capped by --max-streams and timed out too."""
-        with self.streams.slot():
-            self.metrics.active_streams.inc()
-            try:
-                yield
-            finally:
-                self.metrics.active_streams.dec()
-
-    async def first_message(self, request_iterator: AsyncIterator[Any]) -> Any | None:
-        """The stream's config message, within --stream-idle-timeout-s of opening it."""
-        return await first_message(request_iterator, self.settings.stream_idle_timeout_s)
-
-    async def stream(
-        self, chunks: AsyncIterator[bytes], cfg: StreamSettings
-    ) -> AsyncIterator[StreamEvent]:
-        """One stream in plain types, inside `stream_slot()`: LINEAR16 chunks in, events out,
-        under the shared limits and metrics (asr.v1 here, the Google and Riva edges in
-        `server.vendors`)."""
-        recognizer = self._ready()
-        s = self.settings
-        # Options are validated (the prompt tokenized) off the event loop.
-        await asyncio.to_thread(recognizer.model.check_options, cfg.options)
-        limits = StreamLimits(s.max_stream_s, s.stream_buffer_s, s.stream_idle_timeout_s)
-        bytes_per_s = 2 * cfg.channels * cfg.sample_rate_hz
-        events = run_stream(
-            _counted(chunks, self.metrics, bytes_per_s),
-            cfg,
-            recognizer,
-            limits,
-            on_final=self.metrics.stream_final_seconds.observe,
-            shutdown=self.streams.shutdown,
-        )
-        started, interim_seen = time.monotonic(), False
-        async for event in events:
-            if event.result and not event.result.is_final and not interim_seen:
-                interim_seen = True
-                self.metrics.stream_first_interim_seconds.observe(time.monotonic() - started)
-            yield event
 
     def _stream_settings(
         self, streaming: asr_pb2.StreamingRecognitionConfig, recognizer: Recognizer
@@ -154,9 +84,7 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
         if config.encoding not in (Config.ENCODING_UNSPECIFIED, Config.LINEAR16):
             raise InvalidArgumentError("streams carry raw LINEAR16 audio; set encoding LINEAR16")
         fmt, options = self._convert_config(config, recognizer)
-        if streaming.endpoint_silence_ms < 0 or streaming.interim_interval_ms < 0:
-            raise InvalidArgumentError("endpoint_silence_ms and interim_interval_ms must be >= 0")
-        return self.stream_settings(
+        return self.core.stream_settings(
             fmt,
             options,
             streaming.interim_results,
@@ -165,35 +93,13 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
             streaming.interim_interval_ms,
         )
 
-    def stream_settings(
-        self,
-        fmt: AudioFormat,
-        options: DecodeOptions,
-        interim_results: bool,
-        single_utterance: bool,
-        endpoint_silence_ms: int = 0,
-        interim_interval_ms: int = 0,
-    ) -> StreamSettings:
-        """A stream's settings; 0 ms means the server's default."""
-        endpoint_ms = endpoint_silence_ms or self.settings.endpoint_silence_ms
-        interim_ms = interim_interval_ms or self.settings.interim_interval_ms
-        return StreamSettings(
-            sample_rate_hz=fmt.sample_rate_hz,
-            channels=fmt.channels or 1,
-            interim_results=interim_results,
-            single_utterance=single_utterance,
-            endpoint_silence_s=max(endpoint_ms, 100) / 1000,
-            interim_interval_s=max(interim_ms, 200) / 1000,
-            options=options,
-        )
-
     async def GetServerInfo(
         self, request: asr_pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> asr_pb2.ServerInfo:
-        recognizer = self._ready()
+        recognizer = self.core.ready()
         info = recognizer.model.info
         engine = recognizer.batcher.engine
-        s = self.settings
+        s = self.core.settings
         return asr_pb2.ServerInfo(
             model_id=info.model_id,
             multilingual=info.multilingual,
@@ -239,16 +145,13 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
         if config.audio_channel_count < 0 or config.max_alternatives < 0:
             raise InvalidArgumentError("audio_channel_count and max_alternatives must be >= 0")
         _check_text_bounds(config)
-        if config.model and config.model != recognizer.model.info.model_id:
-            raise InvalidArgumentError(
-                f"model {clip(config.model)!r} is not served here; this server runs "
-                f"{recognizer.model.info.model_id!r} (leave model empty to use it)"
-            )
+        check_model(config.model, recognizer.model.info.model_id)
         if not 0.0 <= config.temperature <= 1.0:
             raise InvalidArgumentError(f"temperature must be in [0, 1], not {config.temperature}")
-        if not 0 <= config.beam_size <= self.settings.max_beam_size:
+        max_beam_size = self.core.settings.max_beam_size
+        if not 0 <= config.beam_size <= max_beam_size:
             raise InvalidArgumentError(
-                f"beam_size must be 0..{self.settings.max_beam_size}, not {config.beam_size}"
+                f"beam_size must be 0..{max_beam_size}, not {config.beam_size}"
             )
         fmt = AudioFormat(
             _ENCODINGS[config.encoding], config.sample_rate_hertz, config.audio_channel_count
@@ -276,11 +179,6 @@ def _check_text_bounds(config: asr_pb2.RecognitionConfig) -> None:
             raise InvalidArgumentError(f"{name} is {size} bytes; at most {limit}")
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
-
-
 def _version(package: str) -> str:
     try:
         return metadata.version(package)
@@ -288,42 +186,27 @@ def _version(package: str) -> str:
         return ""
 
 
-def _audio_time(seconds: float) -> Duration:
-    """A position or length in the audio, to the millisecond: word times come from float32
-    sums ("1.059999943s"), and no client needs finer than a millisecond of audio."""
-    d = Duration()
-    d.FromMilliseconds(round(seconds * 1000))
-    return d
-
-
-def _duration(seconds: float) -> Duration:
-    """A measured server time, to the microsecond."""
-    d = Duration()
-    d.FromMicroseconds(round(seconds * 1e6))
-    return d
-
-
 def _timing(t: Timing) -> asr_pb2.ServerTiming:
     return asr_pb2.ServerTiming(
-        queue_time=_duration(t.queue_s),
-        inference_time=_duration(t.infer_s),
-        total_time=_duration(t.total_s),
+        queue_time=duration(t.queue_s),
+        inference_time=duration(t.infer_s),
+        total_time=duration(t.total_s),
         batch_size=t.batch_size,
-        audio_duration=_audio_time(t.audio_s),
+        audio_duration=audio_time(t.audio_s),
         windows=t.windows,
-        prepare_time=_duration(t.prepare_s),
-        wait_time=_duration(t.wait_s),
-        encode_time=None if t.encode_s is None else _duration(t.encode_s),
-        decode_time=_duration(t.decode_s),
-        held_up_time=_duration(t.held_s),
+        prepare_time=duration(t.prepare_s),
+        wait_time=duration(t.wait_s),
+        encode_time=None if t.encode_s is None else duration(t.encode_s),
+        decode_time=duration(t.decode_s),
+        held_up_time=duration(t.held_s),
     )
 
 
 def _words(segment: Segment) -> list[asr_pb2.WordInfo]:
     return [
         asr_pb2.WordInfo(
-            start_time=_audio_time(w.start_s),
-            end_time=_audio_time(w.end_s),
+            start_time=audio_time(w.start_s),
+            end_time=audio_time(w.end_s),
             word=w.word,
             confidence=w.probability,
         )
@@ -337,8 +220,8 @@ def _result(segment: Segment) -> asr_pb2.SpeechRecognitionResult:
     )
     return asr_pb2.SpeechRecognitionResult(
         alternatives=[alternative],
-        result_start_time=_audio_time(segment.start_s),
-        result_end_time=_audio_time(segment.end_s),
+        result_start_time=audio_time(segment.start_s),
+        result_end_time=audio_time(segment.end_s),
         language_code=segment.language,
         no_speech_prob=segment.no_speech_prob,
     )
@@ -347,47 +230,9 @@ def _result(segment: Segment) -> asr_pb2.SpeechRecognitionResult:
 def _response(result: Recognition) -> asr_pb2.RecognizeResponse:
     return asr_pb2.RecognizeResponse(
         results=[_result(s) for s in result.segments],
-        total_billed_time=_audio_time(result.timing.audio_s),
+        total_billed_time=audio_time(result.timing.audio_s),
         timing=_timing(result.timing),
     )
-
-
-async def first_message(request_iterator: AsyncIterator[Any], timeout_s: float) -> Any | None:
-    """A stream's first message, which must carry the config and come within `timeout_s`;
-    None if the client closed without sending anything. Any API whose stream messages are a
-    `streaming_request` oneof of `streaming_config` and `audio_content` (asr.v1, Google,
-    Riva)."""
-    try:
-        first = await asyncio.wait_for(anext(aiter(request_iterator), None), timeout_s)
-    except asyncio.TimeoutError:
-        raise DeadlineExceededError(
-            f"no streaming_config within {timeout_s:g} s of opening the stream"
-        ) from None
-    if first is not None and first.WhichOneof("streaming_request") != "streaming_config":
-        raise InvalidArgumentError(
-            "the first message must carry streaming_config; audio_content comes after it"
-        )
-    return first
-
-
-async def audio_chunks(request_iterator: AsyncIterator[Any]) -> AsyncIterator[bytes]:
-    """The audio of a stream after its first message; protocol errors end the stream. For
-    the same APIs as `first_message`."""
-    async for request in request_iterator:
-        kind = request.WhichOneof("streaming_request")
-        if kind == "streaming_config":
-            raise InvalidArgumentError("streaming_config may only be sent once, first")
-        if kind is None:
-            raise InvalidArgumentError("a stream message carries neither config nor audio")
-        yield request.audio_content
-
-
-async def _counted(
-    chunks: AsyncIterator[bytes], metrics: Metrics, bytes_per_s: int
-) -> AsyncIterator[bytes]:
-    async for chunk in chunks:
-        metrics.stream_audio_seconds.inc(len(chunk) / bytes_per_s)
-        yield chunk
 
 
 def _alternative(
@@ -415,8 +260,8 @@ def _stream_response(event: StreamEvent) -> asr_pb2.StreamingRecognizeResponse:
                 alternatives=[_alternative(r.text, r.recognition)],
                 is_final=r.is_final,
                 stability=r.stability,
-                result_start_time=_audio_time(r.start_s),
-                result_end_time=_audio_time(r.end_s),
+                result_start_time=audio_time(r.start_s),
+                result_end_time=audio_time(r.end_s),
                 language_code=r.language,
             )
         )

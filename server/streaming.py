@@ -6,13 +6,14 @@ quietest point, the rest carried over), or when the client half-closes. While an
 grows, it is re-decoded every `interim_interval_s` of new audio; every decode is one item in
 the same micro-batch as unary requests and other streams, so many streams share model calls.
 
-Interim text doesn't flicker: a word prefix is committed once two consecutive decodes agree
-on it (LocalAgreement-2), and later interims always start with the committed words; `stability`
-is the committed share of the interim text. Each decode after the first passes the last
-interim's tokens as `DecodeOptions.draft`: the continuous engine verifies them in one pass and
-decodes step by step only from the first token the model disagrees with, so a re-decode (and a
-final) costs an encoder pass and a few steps, with the transcript of a plain decode. Only the
-worker thread touches the model: this module only awaits the shared Recognizer.
+Committed words stay: a word prefix is committed once two consecutive decodes agree on it
+(LocalAgreement-2), and later interims always start with the committed words (the words after
+them may still change); `stability` is the committed share of the interim text. Each decode
+after the first passes the last interim's tokens as `DecodeOptions.draft`: the continuous engine
+verifies them in one pass and decodes step by step only from the first token the model disagrees
+with, so a re-decode (and a final) costs an encoder pass and a few steps, with the transcript of
+a plain decode. Only the worker thread touches the model: this module only awaits the shared
+Recognizer.
 
 Tasks per stream: a reader that pulls audio off the wire (and stops pulling when `buffer_s`
 of audio is waiting, so gRPC flow control slows a client sending faster than real time), the

@@ -1,4 +1,4 @@
-"""What the vendor edges share: language codes, prompts from phrase hints, the model check,
+"""What the vendor edges share: language codes, prompts from phrase hints, refused fields,
 WAV headers in front of "raw" audio, and G.711 streams. No protobuf here."""
 
 from __future__ import annotations
@@ -22,14 +22,6 @@ def prompt_from_phrases(phrase_lists: Iterable[Iterable[str]]) -> str:
     """Phrase hints (speech contexts) become Whisper's prompt: the decoder is conditioned on
     their spelling, the nearest thing Whisper has to a boosted vocabulary."""
     return ", ".join(p.strip() for phrases in phrase_lists for p in phrases if p.strip())
-
-
-def check_model(requested: str, served: str, also_accepted: frozenset[str] = frozenset()) -> None:
-    if requested and requested != served and requested not in also_accepted:
-        raise InvalidArgumentError(
-            f"model {requested!r} is not served here; this server runs {served!r} "
-            "(leave model empty to use it)"
-        )
 
 
 def refuse_if(condition: bool, field: str, why: str) -> None:

@@ -1,5 +1,5 @@
 """`google.cloud.speech.v1.Speech` over the shared recognizer: Google's messages in, the plain
-types of `server.servicer` to the recognizer, Google's messages out.
+types of the speech core (`server.speech`), Google's messages out.
 
 Google's clients send `language_code` as "en-US", expect `result_end_time` offsets, word
 times as Durations, and INVALID_ARGUMENT with a message for a bad request; all of that is
@@ -20,13 +20,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from asr.vendors import google_speech_pb2 as gs
 from asr.vendors import google_speech_pb2_grpc
 from server.audio import AudioFormat, Encoding
+from server.edge import audio_chunks, duration, first_message, time_remaining_s
 from server.errors import InvalidArgumentError
 from server.models.base import DecodeOptions
 from server.recognizer import Recognition, Segment
-from server.servicer import SpeechServicer, _duration, audio_chunks
+from server.speech import SpeechCore, check_model
 from server.streaming import StreamEvent
 from server.vendors.common import (
-    check_model,
     is_wav,
     linear16_chunks,
     primary_language,
@@ -76,7 +76,7 @@ class _Request:
 
 @dataclass
 class GoogleSpeechServicer(google_speech_pb2_grpc.SpeechServicer):
-    core: SpeechServicer
+    core: SpeechCore
 
     async def Recognize(
         self, request: gs.RecognizeRequest, context: grpc.aio.ServicerContext
@@ -84,7 +84,7 @@ class GoogleSpeechServicer(google_speech_pb2_grpc.SpeechServicer):
         result, language = await self._recognize(request.config, request.audio, context)
         return gs.RecognizeResponse(
             results=[_result(s, language) for s in result.segments],
-            total_billed_time=_duration(result.timing.audio_s),
+            total_billed_time=duration(result.timing.audio_s),
         )
 
     async def LongRunningRecognize(
@@ -99,7 +99,7 @@ class GoogleSpeechServicer(google_speech_pb2_grpc.SpeechServicer):
         operation.response.Pack(
             gs.LongRunningRecognizeResponse(
                 results=[_result(s, language) for s in result.segments],
-                total_billed_time=_duration(result.timing.audio_s),
+                total_billed_time=duration(result.timing.audio_s),
             )
         )
         operation.metadata.Pack(
@@ -121,7 +121,7 @@ class GoogleSpeechServicer(google_speech_pb2_grpc.SpeechServicer):
     async def _stream(
         self, request_iterator: AsyncIterator[gs.StreamingRecognizeRequest]
     ) -> AsyncIterator[gs.StreamingRecognizeResponse]:
-        first = await self.core.first_message(request_iterator)
+        first = await first_message(request_iterator, self.core.settings.stream_idle_timeout_s)
         if first is None:
             return
         streaming = first.streaming_config
@@ -156,10 +156,12 @@ class GoogleSpeechServicer(google_speech_pb2_grpc.SpeechServicer):
         fmt = r.fmt
         if fmt.encoding in (Encoding.LINEAR16, Encoding.MULAW) and is_wav(audio.content):
             fmt = AudioFormat(Encoding.WAV, fmt.sample_rate_hz)  # Google reads WAV headers too
-        return await self.core.recognize(audio.content, fmt, r.options, context), r.language
+        return await self.core.recognize(
+            audio.content, fmt, r.options, time_remaining_s(context)
+        ), r.language
 
     def _convert(self, config: gs.RecognitionConfig) -> _Request:
-        recognizer = self.core._ready()
+        recognizer = self.core.ready()
         if config.encoding in _REFUSED:
             raise InvalidArgumentError(f"encoding is not supported: {_REFUSED[config.encoding]}")
         encoding = _FILES.get(config.encoding) or _RAW.get(config.encoding)
@@ -192,8 +194,8 @@ class GoogleSpeechServicer(google_speech_pb2_grpc.SpeechServicer):
 def _words(segments: list[Segment] | tuple[Segment, ...]) -> list[gs.WordInfo]:
     return [
         gs.WordInfo(
-            start_time=_duration(w.start_s),
-            end_time=_duration(w.end_s),
+            start_time=duration(w.start_s),
+            end_time=duration(w.end_s),
             word=w.word.strip(),
             confidence=w.probability,
         )
@@ -208,7 +210,7 @@ def _result(segment: Segment, language: str) -> gs.SpeechRecognitionResult:
     )
     return gs.SpeechRecognitionResult(
         alternatives=[alternative],
-        result_end_time=_duration(segment.end_s),
+        result_end_time=duration(segment.end_s),
         language_code=language or segment.language,
     )
 
@@ -229,12 +231,12 @@ def _stream_response(event: StreamEvent, language: str) -> gs.StreamingRecognize
                 alternatives=[alternative],
                 is_final=r.is_final,
                 stability=r.stability,
-                result_end_time=_duration(r.end_s),
+                result_end_time=duration(r.end_s),
                 language_code=language or r.language,
             )
         )
         if r.is_final:
-            response.total_billed_time.CopyFrom(_duration(r.end_s))
+            response.total_billed_time.CopyFrom(duration(r.end_s))
     if not response.results and not event.end_of_single_utterance:
         return None
     return response

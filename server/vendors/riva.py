@@ -1,5 +1,5 @@
 """`nvidia.riva.asr.RivaSpeechRecognition` over the shared recognizer: Riva's messages in, the
-plain types of `server.servicer` to the recognizer, Riva's messages out.
+plain types of the speech core (`server.speech`), Riva's messages out.
 
 Riva's client sends the bytes of a WAV file as `LINEAR_PCM` (header included, offline and
 streaming alike); the header is read or skipped. Word times are integer milliseconds and
@@ -16,13 +16,13 @@ import grpc
 from asr.vendors import riva_asr_pb2 as ra
 from asr.vendors import riva_asr_pb2_grpc, riva_audio_pb2
 from server.audio import AudioFormat, Encoding
+from server.edge import audio_chunks, first_message, time_remaining_s
 from server.errors import InvalidArgumentError
 from server.models.base import DecodeOptions
 from server.recognizer import Segment
-from server.servicer import SpeechServicer, audio_chunks
+from server.speech import SpeechCore, check_model
 from server.streaming import StreamEvent
 from server.vendors.common import (
-    check_model,
     is_wav,
     linear16_chunks,
     primary_language,
@@ -54,7 +54,7 @@ class _Request:
 
 @dataclass
 class RivaSpeechServicer(riva_asr_pb2_grpc.RivaSpeechRecognitionServicer):
-    core: SpeechServicer
+    core: SpeechCore
 
     async def Recognize(
         self, request: ra.RecognizeRequest, context: grpc.aio.ServicerContext
@@ -65,7 +65,7 @@ class RivaSpeechServicer(riva_asr_pb2_grpc.RivaSpeechRecognitionServicer):
         fmt = r.fmt
         if fmt.encoding in _RAW.values() and is_wav(request.audio):
             fmt = AudioFormat(Encoding.WAV, fmt.sample_rate_hz)
-        result = await self.core.recognize(request.audio, fmt, r.options, context)
+        result = await self.core.recognize(request.audio, fmt, r.options, time_remaining_s(context))
         return ra.RecognizeResponse(
             results=[_result(s, r.language) for s in result.segments], id=request.id
         )
@@ -82,7 +82,7 @@ class RivaSpeechServicer(riva_asr_pb2_grpc.RivaSpeechRecognitionServicer):
     async def _stream(
         self, request_iterator: AsyncIterator[ra.StreamingRecognizeRequest]
     ) -> AsyncIterator[ra.StreamingRecognizeResponse]:
-        first = await self.core.first_message(request_iterator)
+        first = await first_message(request_iterator, self.core.settings.stream_idle_timeout_s)
         if first is None:
             return
         streaming = first.streaming_config
@@ -102,7 +102,7 @@ class RivaSpeechServicer(riva_asr_pb2_grpc.RivaSpeechRecognitionServicer):
     async def GetRivaSpeechRecognitionConfig(
         self, request: ra.RivaSpeechRecognitionConfigRequest, context: grpc.aio.ServicerContext
     ) -> ra.RivaSpeechRecognitionConfigResponse:
-        recognizer = self.core._ready()
+        recognizer = self.core.ready()
         info = recognizer.model.info
         if request.model_name and request.model_name != info.model_id:
             return ra.RivaSpeechRecognitionConfigResponse()
@@ -122,7 +122,7 @@ class RivaSpeechServicer(riva_asr_pb2_grpc.RivaSpeechRecognitionServicer):
         return ra.RivaSpeechRecognitionConfigResponse(model_config=[config])
 
     def _convert(self, config: ra.RecognitionConfig) -> _Request:
-        recognizer = self.core._ready()
+        recognizer = self.core.ready()
         encoding = _FILES.get(config.encoding) or _RAW.get(config.encoding)
         if encoding is None:
             raise InvalidArgumentError(f"unknown audio encoding {config.encoding}")

@@ -54,14 +54,16 @@ class _Recognizer:
     model = _Model()
 
 
-_SERVICER: Any = SpeechServicer.__new__(SpeechServicer)  # only its settings are read here
+_SERVICER: Any = SpeechServicer.__new__(SpeechServicer)  # only its core's settings are read
 
 
 def request(data: bytes) -> None:
     """Bytes as a RecognizeRequest (as gRPC would parse them) -> the servicer's conversion."""
     from server.config import Settings
+    from server.speech import SpeechCore
 
-    _SERVICER.settings = Settings()
+    _SERVICER.core = SpeechCore.__new__(SpeechCore)
+    _SERVICER.core.settings = Settings()
     message = asr_pb2.RecognizeRequest()
     try:
         message.ParseFromString(data)

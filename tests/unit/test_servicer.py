@@ -286,8 +286,8 @@ def test_speech_gates_come_from_settings():
 
 
 def test_audio_times_are_whole_milliseconds_and_timings_microseconds():
-    from server.servicer import _audio_time, _duration
+    from server.edge import audio_time, duration
 
-    assert _audio_time(1.059999943).ToJsonString() == "1.060s"
-    assert _audio_time(0.0004).ToJsonString() == "0s"
-    assert _duration(0.0001907291).ToJsonString() == "0.000191s"
+    assert audio_time(1.059999943).ToJsonString() == "1.060s"
+    assert audio_time(0.0004).ToJsonString() == "0s"
+    assert duration(0.0001907291).ToJsonString() == "0.000191s"
