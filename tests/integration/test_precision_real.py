@@ -13,7 +13,7 @@ import pytest
 from asr.v1 import asr_pb2
 from server.config import Settings
 from server.embedded import EmbeddedServer
-from server.evaluation import word_error_rate
+from loadgen.wer import word_error_rate
 from tests.conftest import librispeech_items, require_data
 
 
