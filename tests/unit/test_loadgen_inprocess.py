@@ -55,7 +55,8 @@ def test_study_writes_csv_json_plot_and_compare_prices_hosts(
         json.dumps({**facts, "label": "g4dn.xlarge", "price_per_hour": None})
     )
     cmp = tmp_path / "cmp"
-    argv = ["compare", str(out), str(other), str(seed), "--price", "pricier=0.20", "--out", str(cmp)]
+    argv = ["compare", str(out), str(other), str(seed), "--price", "pricier=0.20",
+            "--out", str(cmp)]  # fmt: skip
     assert study.main(argv) == 0
     saved = json.loads((cmp / "study_compare.json").read_text())
     one, two, card = saved["rows"]
@@ -75,7 +76,8 @@ def test_engines_runs_both_engines_at_two_levels(
     random_model: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--dataset", "sample:test-clean", "--files", "3", "--model", random_model,
-            "--concurrency", "1,2", "--max-batch-size", "2", "--block", "2", "--threads", "1"]  # fmt: skip
+            "--concurrency", "1,2", "--max-batch-size", "2", "--block", "2",
+            "--threads", "1"]  # fmt: skip
     assert engines.main(argv) == 0
     out = capsys.readouterr().out
     for name in ("in-process generate, batch 1", "generate engine, concurrency 1",
