@@ -100,12 +100,14 @@ def targets(rows: list[Row], max_batch: int, out: Callable[[str], None]) -> None
                 f"p50 x{row.p_ms(50) / other.p_ms(50):.2f} of the generate engine")  # fmt: skip
 
 
-def load_whisper(name: str, device: str, dtype: str, cache_dir: Path, threads: int) -> Any:
+def load_whisper(args: argparse.Namespace) -> Any:
     """The model as the server loads it, without warm-up (each runner warms its shapes)."""
     from server.models.loader import load_model
 
-    settings = served_settings(model=name, device=device, dtype=dtype, cache_dir=cache_dir,
-                               num_threads=threads)  # fmt: skip
+    settings = served_settings(
+        model=args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir,
+        num_threads=args.threads, max_new_tokens=args.max_new_tokens,
+    )  # fmt: skip
     return load_model(settings)
 
 
@@ -133,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-join-share", type=float, default=1.0, help="continuous engine")
     parser.add_argument("--block", type=int, default=50, help="files per block (see run_all)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--max-new-tokens", type=int, default=440,
+                        help="longest transcript per 30 s window, tokens [440]")  # fmt: skip
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     return parser
 
@@ -140,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    model = load_whisper(args.model, args.device, args.dtype, args.cache_dir, args.threads)
+    model = load_whisper(args)
     clips = load_clips(args.dataset, files=args.files)
     lengths = [c.duration_s for c in clips]
     print(f"{len(clips)} files of {args.dataset}, {sum(lengths):.0f} s of audio "

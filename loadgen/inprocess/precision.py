@@ -63,10 +63,8 @@ def streams(models: dict[str, Any], args: argparse.Namespace) -> dict[str, list[
     clips = load_clips(args.dataset, files=16, min_s=args.stream_min_s, max_s=args.stream_max_s)
     levels = [int(n) for n in args.streams.split(",") if n]
     rows: dict[str, list[StreamRow]] = {d: [] for d in models}
-    servers = {
-        d: EmbeddedServer(Settings(dtype=d, warmup=False, metrics_port=-1), m).start()
-        for d, m in models.items()
-    }
+    settings = Settings(warmup=False, metrics_port=-1, max_new_tokens=args.max_new_tokens)
+    servers = {d: EmbeddedServer(settings.replace(dtype=d), m).start() for d, m in models.items()}
     try:
         for n in levels:
             for d in models:  # the dtypes take turns level by level
@@ -96,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-active", type=int, default=16)
     parser.add_argument("--block", type=int, default=25)
+    parser.add_argument("--max-new-tokens", type=int, default=440,
+                        help="longest transcript per 30 s window, tokens [440]")  # fmt: skip
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     return parser
 
@@ -108,8 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     auto = choose_dtype("auto", resolve_device("cpu"), cpu_bf16_support())
     print(f"--dtype auto here: {auto.name} ({auto.reason})")
-    base = Settings(model=args.model, device="cpu", warmup=True, cache_dir=args.cache_dir,
-                    max_batch_size=args.max_batch_size)  # fmt: skip
+    base = Settings(
+        model=args.model, device="cpu", warmup=True, cache_dir=args.cache_dir,
+        max_batch_size=args.max_batch_size, max_new_tokens=args.max_new_tokens,
+    )  # fmt: skip
     models = {d: load_model(base.replace(dtype=d)) for d in args.dtypes.split(",")}
     clips = load_clips(args.dataset, files=args.files)
     rows = asyncio.run(unary(models, clips, args))

@@ -108,7 +108,7 @@ async def study_model(
     settings = served_settings(
         model=name, device=args.device, dtype=dtype, cache_dir=args.cache_dir,
         max_batch_size=max(batches), max_wait_ms=args.max_wait_ms, engine=args.engine,
-        max_active=max(batches), num_threads=args.threads,
+        max_active=max(batches), num_threads=args.threads, max_new_tokens=args.max_new_tokens,
     )  # fmt: skip
     model = load_model(settings)
     info = dataclasses.asdict(model.info)
@@ -358,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-s", type=float, default=30.0, help="longest clip, s [30]")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads [0: all cores]")
+    parser.add_argument("--max-new-tokens", type=int, default=440,
+                        help="longest transcript per 30 s window, tokens [440]")  # fmt: skip
     parser.add_argument("--engine", default="continuous", help="the server's --engine")
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--label", default="", help="host name in compare [the device name]")

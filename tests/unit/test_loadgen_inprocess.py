@@ -27,7 +27,8 @@ def test_study_writes_csv_json_plot_and_compare_prices_hosts(
     out = tmp_path / "study"
     argv = ["--dataset", "sample:test-clean", "--models", random_model, "--dtypes", "float32",
             "--batch-sizes", "2,1", "--files", "3", "--device", "cpu", "--label", "this-cpu",
-            "--price-per-hour", "0.10", "--threads", "1", "--out", str(out)]  # fmt: skip
+            "--price-per-hour", "0.10", "--threads", "1", "--max-new-tokens", "8",
+            "--out", str(out)]  # fmt: skip
     assert study.main(argv) == 0
     with (out / "study.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -77,7 +78,7 @@ def test_engines_runs_both_engines_at_two_levels(
 ) -> None:
     argv = ["--dataset", "sample:test-clean", "--files", "3", "--model", random_model,
             "--concurrency", "1,2", "--max-batch-size", "2", "--block", "2",
-            "--threads", "1"]  # fmt: skip
+            "--threads", "1", "--max-new-tokens", "8"]  # fmt: skip
     assert engines.main(argv) == 0
     out = capsys.readouterr().out
     for name in ("in-process generate, batch 1", "generate engine, concurrency 1",
@@ -91,8 +92,9 @@ def test_precision_compares_dtypes_unary_and_streams(
     random_model: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["--dataset", "sample:test-clean", "--files", "2", "--model", random_model,
-            "--concurrency", "2", "--streams", "1", "--clips-per-stream", "1",
-            "--stream-min-s", "0", "--stream-max-s", "3"]  # fmt: skip
+            "--concurrency", "2", "--max-batch-size", "2", "--streams", "1",
+            "--clips-per-stream", "1", "--stream-min-s", "0", "--stream-max-s", "3",
+            "--max-new-tokens", "8"]  # fmt: skip
     assert precision.main(argv) == 0
     out = capsys.readouterr().out
     assert "--dtype auto here:" in out
