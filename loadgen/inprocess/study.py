@@ -152,7 +152,7 @@ def host_facts(models: dict[str, dict[str, Any]], args: argparse.Namespace) -> d
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "platform": platform.platform(),
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": platform.machine(),  # not processor(): that runs `uname -p`
             "cuda": torch.version.cuda,
         },
         "dataset": str(args.dataset),
