@@ -103,3 +103,12 @@ def test_scripts_hold_only_repository_chores() -> None:
 
 def _raw_imports(package: str) -> dict[str, set[str]]:
     return {module_name(p): imports(p) for p in (ROOT / package).rglob("*.py")}
+
+
+def test_a_fast_test_that_starts_a_subprocess_fails_naming_itself() -> None:
+    import subprocess
+
+    import pytest
+
+    with pytest.raises(AssertionError, match=r"test_layout.py::test_a_fast.*@pytest.mark.slow"):
+        subprocess.run(["true"], check=True)
