@@ -1,5 +1,7 @@
-# whisper-grpc: the two commands are `make serve` and `make test`; both set up .venv first.
+# whisper-grpc: `make help` lists the targets. The two commands are `make serve` and
+# `make test`; both set up .venv first. Every measuring target runs `python -m loadgen ...`.
 SHELL := /bin/bash
+.DEFAULT_GOAL := help
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,9 +11,19 @@ PORT ?= 50051
 MODEL ?= tiny.en
 # `make serve` is for one's own machine: loopback unless told (HOST=0.0.0.0); images bind all.
 HOST ?= 127.0.0.1
+# The audio every measuring target uses: `sample` is what ships in samples/ (no network);
+# or a LibriSpeech folder (one split or the root), an audio folder, librispeech:<split>.
+DATASET ?= sample
+STAMP_TIME := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install model serve test lint typecheck buf pytest protos bench bench-engines freeze clean images loadtest \
-	gpu-pack gpu-check bench-precision fuzz-long soak study
+.PHONY: help install model serve test test-fast lint typecheck buf pytest protos loadtest \
+	study bench-engines bench-precision bench-decode soak fuzz-long gpu-pack gpu-check \
+	gpu-rehearsal images freeze clean
+
+help: ## this list
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  %-16s %s\n", $$1, $$2}' \
+	  $(MAKEFILE_LIST)
+	@echo "  variables: DATASET=$(DATASET) MODEL=$(MODEL) PORT=$(PORT) HOST=$(HOST)"
 
 TORCH_VERSION := 2.13.0
 # PyTorch's own index of CPU wheels: torch from the default package index is the CUDA build
@@ -36,106 +48,80 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) --no-deps openai-whisper
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) ## set up .venv (torch CPU build, the project, dev tools)
 
-# Convert the embedded default model once into ~/.cache/whisper-grpc (no network needed).
-model: install
+model: install ## convert the built-in MODEL once into ~/.cache/whisper-grpc (no network)
 	$(PY) -m server.checkpoints.provision $(MODEL)
 
-serve: model
+serve: model ## serve MODEL on HOST:PORT
 	$(PY) -m server --host $(HOST) --port $(PORT) --model $(MODEL)
 
-lint: install
+lint: install ## ruff check + ruff format --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-typecheck: install
-	$(VENV)/bin/mypy server scripts asr/client.py $(wildcard loadgen)
+typecheck: install ## mypy over server, loadgen and the client
+	$(VENV)/bin/mypy server loadgen asr/client.py
 
-# buf lint + buf breaking against the released contract (buf/released/), offline.
-buf: install
+buf: install ## buf lint + buf breaking against the released contract, offline
 	$(PY) scripts/buf_check.py
 
 pytest: install
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=20
 
-test: lint typecheck buf pytest
+test: lint typecheck buf pytest ## the whole suite, as CI runs it (prints the 20 slowest tests)
 
-# Regenerate the Python stubs in asr/v1/ and asr/vendors/ from protos/ (tests check they match).
-protos: install
+test-fast: lint typecheck ## lint, types and the tests that start no subprocess and load no real weights
+	$(VENV)/bin/pytest -q -m "not slow and not gpu" --durations=10
+
+protos: install ## regenerate asr/v1 and asr/vendors stubs from protos/
 	$(PY) scripts/gen_protos.py
 
-# A folder of FLAC/WAV files (LibriSpeech's layout works); this repo's tests use ../shared/data.
-BENCH_DATASET ?= ../shared/data/LibriSpeech
+LOADTEST_ARGS ?= --concurrency 1,2,4,8 --duration 20 --warmup 5 --limit 64
+LOADTEST_OUT ?= runs/loadtest-$(STAMP_TIME)
 
-bench: model
-	$(PY) -m server.bench --dataset $(BENCH_DATASET) --model $(MODEL)
+loadtest: model ## serve MODEL on loopback, sweep it over DATASET, print the table, stop it
+	$(PY) -m loadgen run --spawn-server --server-args="--model $(MODEL)" --dataset '$(DATASET)' \
+	  --out $(LOADTEST_OUT) $(LOADTEST_ARGS)
 
-# The continuous engine against the generate engine and in-process generate (long: ~25 min here).
-bench-engines: model
-	$(PY) scripts/bench_engines.py --dataset $(BENCH_DATASET) --model $(MODEL)
-
-# The seed study on this host: generate per batch size per model, and the server at matching
-# concurrencies; study.csv/json/png in $(STUDY_OUT). Compare hosts with
-# `python -m server.bench study compare DIR... --price LABEL=$/h --out DIR`.
 STUDY_MODELS ?= tiny.en,base
 STUDY_BATCH_SIZES ?= 1,2,4,8,16
+STUDY_DTYPES ?= float32,bfloat16
 STUDY_ARGS ?=
-STUDY_OUT ?= runs/study-$(shell date +%Y%m%d-%H%M%S)
+STUDY_OUT ?= runs/study-$(STAMP_TIME)
 
-study: model
-	$(PY) -m server.bench study --dataset $(BENCH_DATASET)/test-clean --models $(STUDY_MODELS) \
-	  --batch-sizes $(STUDY_BATCH_SIZES) --out $(STUDY_OUT) $(STUDY_ARGS)
+study: model ## the seed study: STUDY_MODELS x STUDY_BATCH_SIZES x STUDY_DTYPES on DATASET
+	$(PY) -m loadgen study --dataset '$(DATASET)' --models $(STUDY_MODELS) \
+	  --batch-sizes $(STUDY_BATCH_SIZES) --dtypes $(STUDY_DTYPES) --out $(STUDY_OUT) $(STUDY_ARGS)
 
-LOADTEST_PORT ?= 50071
-DATASET ?= librispeech:test-clean
-LOADTEST_ARGS ?= --concurrency 1,2,4,8 --duration 20 --warmup 5 --limit 64
-LOADTEST_STAMP := $(shell date +%Y%m%d-%H%M%S)
-LOADTEST_OUT ?= runs/loadtest-$(LOADTEST_STAMP)
+bench-engines: model ## continuous vs generate engine vs in-process generate on DATASET
+	$(PY) -m loadgen engines --dataset '$(DATASET)' --model $(MODEL)
 
-# Serve the embedded default model on loopback, sweep it with the load generator, print the
-# table (report, plots, raw records and the server's log in $(LOADTEST_OUT)), stop the server.
-# DATASET: a LibriSpeech folder (one split or the root), an audio folder, or librispeech:<split>
-# (downloaded and verified once into ~/.cache/whisper-grpc/datasets).
-loadtest: model
-	@mkdir -p $(LOADTEST_OUT)
-	@$(PY) -m server --host 127.0.0.1 --port $(LOADTEST_PORT) --metrics-port -1 --model $(MODEL) \
-	  2> $(LOADTEST_OUT)/server.log & server=$$!; \
-	trap 'kill $$server 2>/dev/null; wait $$server 2>/dev/null' EXIT; \
-	$(PY) -m loadgen run --target 127.0.0.1:$(LOADTEST_PORT) --dataset '$(DATASET)' \
-	  --wait-ready 600 --out $(LOADTEST_OUT) $(LOADTEST_ARGS)
+bench-precision: model ## float32 vs bfloat16 on this CPU, unary and real-time streams
+	$(PY) -m loadgen precision --dataset '$(DATASET)' --model $(MODEL)
 
-# float32 against bfloat16 on this machine's CPU, side by side (unary and real-time streams).
-bench-precision: model
-	$(PY) scripts/bench_precision.py --dataset $(BENCH_DATASET)
+bench-decode: model ## the decode step benchmark
+	$(PY) -m loadgen decode
 
-# Everything the first-GPU check needs in under 60 MB (int8 tiny.en, 40 LibriSpeech files,
-# Python 3.12 wheels) into .gpu-pack/; on the GPU machine: bash scripts/gpu_check.sh.
-gpu-pack: model
-	$(PY) scripts/gpu_pack.py pack --dataset $(BENCH_DATASET)
+SOAK_MINUTES ?= 30
+soak: model ## SOAK_MINUTES of mixed unary calls and streams: RSS series and a verdict
+	$(PY) -m loadgen soak --dataset '$(DATASET)' --server-args="--model $(MODEL)" \
+	  --minutes $(SOAK_MINUTES)
 
-# The check itself (on a machine without CUDA it writes a "skipped" JSON and exits 0).
-gpu-check: gpu-pack
-	PYTHON=$(PY) bash scripts/gpu_check.sh .gpu-pack gpu_check.json
+gpu-pack: model ## pack what the first-GPU check needs into .gpu-pack/
+	$(PY) -m loadgen gpu-pack
 
-freeze: install
-	$(PY) -m pip freeze --all --exclude-editable | grep -v -E '^(pip|openai-whisper)==' > /tmp/whisper-grpc-freeze.txt
-	@echo "review /tmp/whisper-grpc-freeze.txt and merge it into constraints.txt"
+gpu-check: gpu-pack ## the first-GPU check (without CUDA: a "skipped" JSON, exit 0)
+	$(PY) -m loadgen gpu-check
 
-clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
-
-IMAGE_TAG ?= local
-# Docker images (needs a Docker engine; not part of `make test`).
-images:
-	docker build -f docker/server.Dockerfile -t whisper-grpc-server:$(IMAGE_TAG) .
-	docker build -f docker/cpu.Dockerfile -t whisper-grpc-cpu:$(IMAGE_TAG) .
+gpu-rehearsal: model ## the GPU check end to end on this machine's CPU
+	$(PY) -m loadgen gpu-check --rehearsal
 
 # The long fuzz pass (make test runs a bounded one): each atheris target for FUZZ_S seconds
 # over a corpus kept in runs/fuzz-corpus/; finds land in runs/fuzz-finds/ (make each a file
 # in tests/fuzz/regressions/<target>/, which make test replays).
 FUZZ_S ?= 1800
-fuzz-long: install
+fuzz-long: install ## each atheris target for FUZZ_S seconds
 	@mkdir -p runs/fuzz-finds
 	for target in audio request; do \
 	  mkdir -p runs/fuzz-corpus/$$target; \
@@ -143,7 +129,15 @@ fuzz-long: install
 	    -artifact_prefix=runs/fuzz-finds/$$target- runs/fuzz-corpus/$$target || exit 1; \
 	done
 
-# N minutes of mixed unary calls and real-time streams against a real server (a benchmark).
-SOAK_MINUTES ?= 30
-soak: model
-	$(PY) scripts/soak.py --dataset $(BENCH_DATASET)/test-clean --model $(MODEL) --minutes $(SOAK_MINUTES)
+IMAGE_TAG ?= local
+# Docker images (needs a Docker engine; not part of `make test`).
+images: ## the Docker images (needs a Docker engine; not part of make test)
+	docker build -f docker/server.Dockerfile -t whisper-grpc-server:$(IMAGE_TAG) .
+	docker build -f docker/cpu.Dockerfile -t whisper-grpc-cpu:$(IMAGE_TAG) .
+
+freeze: install ## pip freeze into /tmp, to merge into constraints.txt by hand
+	$(PY) -m pip freeze --all --exclude-editable | grep -v -E '^(pip|openai-whisper)==' > /tmp/whisper-grpc-freeze.txt
+	@echo "review /tmp/whisper-grpc-freeze.txt and merge it into constraints.txt"
+
+clean: ## remove .venv and tool caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

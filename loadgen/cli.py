@@ -1,12 +1,23 @@
-"""Command line: `python -m loadgen run|compare|fetch` (console script `whisper-grpc-loadgen`).
+"""python -m loadgen COMMAND: the one home of measuring (console script whisper-grpc-loadgen).
 
+Against a server (Locust; no torch):
     run      sweep a server over --concurrency (closed loop) and/or --rate (open loop) levels,
-             or --streams (live real-time streams, --mode stream); --find-capacity searches
+             or --streams (live real-time streams, --mode stream); --find-capacity searches;
+             --spawn-server starts one on loopback first (what `make loadtest` does)
     compare  put several run folders side by side, with SLO capacity and cost
     fetch    download a LibriSpeech split from OpenSLR into the cache
+    soak     N minutes of mixed unary calls and real-time streams: RSS series and a verdict
 
-Flags and environment are read here and nowhere else. Only `run` imports Locust (which
-monkey-patches the process with gevent), and only after its flags are validated.
+In process (torch and transformers load for these alone; each has its own --help):
+    study      the seed study: models x batch sizes, generate and the server; `study compare`
+    engines    continuous against generate engine against in-process generate
+    precision  float32 against bfloat16, unary and real-time streams
+    decode     the decode step benchmark (loadgen.decode_bench)
+    gpu-pack   pack what the first-GPU check needs;  gpu-check  run it
+
+Flags and environment of run/compare/fetch are read here and nowhere else; the other commands
+parse their own. Only `run` imports Locust (which monkey-patches the process with gevent), and
+only after its flags are validated.
 Exit codes: 0 done, 1 the server or the network failed us, 2 bad usage or an unsupported mode.
 """
 
@@ -31,8 +42,19 @@ from loadgen.config import (
     parse_int_list,
     parse_metadata,
 )
+from loadgen.dataset import DEFAULT_DATASET
 from loadgen.errors import LoadgenError
 
+PASS_THROUGH = {
+    "study": ("loadgen.inprocess.study", "the seed study (models x batch sizes); study compare"),
+    "engines": ("loadgen.inprocess.engines", "continuous vs generate engine vs generate"),
+    "precision": ("loadgen.inprocess.precision", "float32 vs bfloat16, unary and streams"),
+    "soak": ("loadgen.soak", "minutes of mixed load: RSS series, errors, growth verdict"),
+    "decode": ("loadgen.decode_bench", "the decode step benchmark"),
+    "gpu-pack": ("loadgen.gpu.pack", "pack what the first-GPU check needs"),
+    "gpu-check": ("loadgen.gpu.check", "the first-GPU check"),
+}
+"""Commands whose module parses its own flags (`main(argv)`), imported only when used."""
 ENV_CACHE_DIR = "WHISPER_GRPC_LOADGEN_CACHE_DIR"
 ENV_BASE_URL = "WHISPER_GRPC_LOADGEN_BASE_URL"
 log = logging.getLogger("loadgen")
@@ -48,12 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub.add_parser("run", help="sweep load levels against a server"))
     _add_compare(sub.add_parser("compare", help="compare run folders"))
     _add_fetch(sub.add_parser("fetch", help="download a LibriSpeech split"))
+    for name, (_, about) in PASS_THROUGH.items():  # listed in --help; main() dispatches them
+        sub.add_parser(name, help=about, add_help=False).add_argument(
+            "args", nargs=argparse.REMAINDER
+        )
+    parser.epilog = "Each command has its own --help."
     return parser
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="HOST:PORT of the Speech server")
-    p.add_argument("--dataset", help="LibriSpeech folder, audio folder, librispeech:SPLIT, hf:NAME")
+    p.add_argument(
+        "--dataset",
+        default=DEFAULT_DATASET,
+        help="sample[:SPLIT] (the shipped utterances), LibriSpeech folder, audio folder, "
+        f"librispeech:SPLIT, hf:NAME [{DEFAULT_DATASET}]",
+    )
     p.add_argument(
         "--out", type=Path, help="folder for summary.csv/json, records.csv, plots, report"
     )
@@ -62,6 +94,17 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label", default="", help="name of this run, e.g. the instance type")
     p.add_argument("--price-per-hour", type=float, help="instance price, $/h, for compare")
     p.add_argument("--wait-ready", type=float, default=60.0, help="wait for SERVING, s [60]")
+    p.add_argument(
+        "--spawn-server",
+        action="store_true",
+        help="start `python -m server` on a free loopback port, wait for SERVING, sweep it, "
+        "stop it (its log: OUT/server.log); instead of --target",
+    )
+    p.add_argument(
+        "--server-args",
+        default="",
+        help='flags for the spawned server, one string: --server-args="--model base" [none]',
+    )
     p.add_argument("--progress-interval", type=float, default=2.0, help="progress line, s [2]")
     _add_level_flags(p.add_argument_group("load levels"))
     _add_stream_flags(p.add_argument_group("live streams (--mode stream)"))
@@ -299,6 +342,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             cache_dir=args.cache_dir,
             base_url=args.base_url or None,
         )
+    if args.spawn_server:
+        return _run_spawned(args, argv)
     config = run_config(args)
     import loadgen.green  # noqa: F401
     from loadgen import runner
@@ -308,8 +353,45 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     return code
 
 
+SPAWN_WAIT_S = 600.0
+"""How long a spawned server may take to say SERVING (a first start converts a built-in)."""
+
+
+def _run_spawned(args: argparse.Namespace, argv: list[str]) -> int:
+    """A server of our own, then `run` against it in a child process: this one never imports
+    gevent, so the health wait and the server's lifetime stay plain threads and signals."""
+    import shlex
+    import subprocess
+
+    from loadgen.spawn import start_server
+
+    if args.target or not args.out:
+        raise ConfigError("--spawn-server needs --out and starts its own server: no --target")
+    child = [sys.executable, "-m", "loadgen", *_without_spawn_flags(argv)]
+    server = start_server(
+        shlex.split(args.server_args), log_path=args.out / "server.log", timeout_s=SPAWN_WAIT_S
+    )
+    try:
+        return subprocess.call([*child, "--target", server.address])
+    finally:
+        server.stop()
+
+
+def _without_spawn_flags(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--server-args":
+            skip = True
+        elif token != "--spawn-server" and not token.startswith("--server-args="):
+            out.append(token)
+    return out
+
+
 def _compare(args: argparse.Namespace) -> int:
-    from loadgen.compare import load_run, parse_prices, write_compare
+    from loadgen.compare import load_run, write_compare
+    from loadgen.costs import parse_prices
 
     prices = parse_prices(args.price)
     runs = [load_run(path, prices) for path in args.runs]
@@ -348,8 +430,28 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger("locust").setLevel(logging.WARNING)
 
 
+def _pass_through(command: str, argv: list[str]) -> int:
+    """Import the command's module only now (torch, transformers) and hand it its flags."""
+    import importlib
+
+    module_name = PASS_THROUGH[command][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and module_name.startswith(err.name):
+            print(f"loadgen {command}: {module_name} is not part of this checkout", file=sys.stderr)
+        else:
+            print(f"loadgen {command} needs {err.name}, which is not installed "
+                  "(make install sets up everything)", file=sys.stderr)  # fmt: skip
+        return 2
+    code: int = module.main(argv)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASS_THROUGH:
+        return _pass_through(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:

@@ -90,7 +90,7 @@ class SpeechClient:
         if conn.mode == "stream":
             # Streams score each final as it arrives: load the normalizer (transformers, a
             # second or two) now, not on the event loop while other streams are being paced.
-            from server.evaluation import normalize
+            from loadgen.wer import normalize
 
             normalize("warm up")
 
@@ -245,7 +245,7 @@ class SpeechClient:
             fire(request_type="stream", name="flicker_words",
                  response_time=fig.flicker_words, response_length=0)  # fmt: skip
             if item.reference:
-                from server.evaluation import word_error_rate
+                from loadgen.wer import word_error_rate
 
                 wer = word_error_rate([item.reference], [fig.transcript])
                 fire(request_type="stream", name="final_wer", response_time=100.0 * wer,

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from loadgen.costs import cost_per_1000_stream_h, cost_per_1000h
 from loadgen.errors import UsageError
 from loadgen.report import (
     LOW_SAMPLES,
@@ -45,12 +46,10 @@ from loadgen.report import (
     html_image,
     html_table,
     line_plots,
-    write_csv,
     write_html,
-    write_json,
 )
+from loadgen.writers import write_csv, write_json
 
-AUDIO_HOURS = 1000.0
 SAME_SETTINGS = (
     "duration_s",
     "warmup_s",
@@ -132,20 +131,6 @@ def load_run(path: Path, prices: dict[str, float] | None = None) -> Run:
     if prices and label in prices:
         meta["price_per_hour"] = prices[label]
     return Run(path, label, meta, list(meta.get("levels", [])))
-
-
-def parse_prices(pairs: list[str]) -> dict[str, float]:
-    """['g5.xlarge=1.006', ...] -> {'g5.xlarge': 1.006}."""
-    prices = {}
-    for pair in pairs:
-        label, sep, value = pair.rpartition("=")
-        try:
-            prices[label] = float(value)
-        except ValueError:
-            label = ""
-        if not sep or not label:
-            raise UsageError(f"--price takes LABEL=DOLLARS_PER_HOUR, not {pair!r}")
-    return prices
 
 
 def comparability(runs: list[Run]) -> list[str]:
@@ -248,20 +233,6 @@ def stream_capacity(levels: list[dict[str, Any]], slo_final_p99_ms: float) -> di
             break
         held = lv
     return held
-
-
-def cost_per_1000_stream_h(price_per_hour: float | None, streams: float | None) -> float | None:
-    """Dollars per 1,000 stream-hours when one host holds `streams` live streams."""
-    if price_per_hour is None or not streams:
-        return None
-    return price_per_hour * AUDIO_HOURS / streams
-
-
-def cost_per_1000h(price_per_hour: float | None, audio_s_per_s: float | None) -> float | None:
-    """Dollars to transcribe 1,000 hours of audio at this RTFx: it takes 1000/RTFx hours."""
-    if price_per_hour is None or not audio_s_per_s or math.isnan(audio_s_per_s):
-        return None
-    return price_per_hour * AUDIO_HOURS / audio_s_per_s
 
 
 def compare_runs(

@@ -2,11 +2,15 @@
 
 Data set specs (`--dataset`):
 
+* `sample` (the default): the LibriSpeech utterances shipped in `samples/LibriSpeech` (27 files
+  of test-clean and test-other with their references, CC BY 4.0), so that everything works on a
+  fresh clone with no network; `sample:test-clean` or `sample:test-other` for one split;
 * a LibriSpeech folder in the official layout, either one split
   (`.../LibriSpeech/test-clean`) or the `LibriSpeech` root holding several splits: every
   `<speaker>-<chapter>.trans.txt` below it gives the references of the `<id>.flac` beside it;
 * a plain folder of audio files (FLAC, WAV, OGG, MP3), searched recursively; a `<name>.txt`
-  beside `<name>.flac` is its reference (optional: without references there is no WER);
+  beside `<name>.flac` is its reference (optional: without references there is no WER); a
+  `transcripts.txt` of `<id> <text>` lines beside the files works like a `*.trans.txt`;
 * `librispeech:<split>`: the OpenSLR tarball of that split, downloaded, verified and unpacked
   into the cache on first use (`loadgen.fetch`);
 * `hf:<name>[:<config>[:<split>]]`: a Hugging Face data set (default
@@ -24,11 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import soundfile as sf
 
 from loadgen.errors import UsageError
 
 log = logging.getLogger(__name__)
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+"""The audio shipped with the project (samples/README.md says what and under which licence)."""
+DEFAULT_DATASET = "sample"
 
 ENCODINGS = {".flac": "FLAC", ".wav": "WAV", ".ogg": "OGG", ".opus": "OGG", ".mp3": ""}
 """File suffix -> RecognitionConfig encoding name ("": let the server read the header)."""
@@ -105,20 +114,8 @@ def load_dataset(
     of that many files."""
     if spec.startswith("hf:"):
         return Dataset(spec, "huggingface", tuple(_huggingface_items(spec, limit)))
-    if spec.startswith("librispeech:"):
-        from loadgen import fetch
-
-        root = fetch.ensure_librispeech(spec.split(":", 1)[1], cache_dir, base_url)
-    else:
-        root = Path(spec).expanduser()
-    if not root.is_dir():
-        raise DatasetError(f"data set folder not found: {root}")
-    entries = librispeech_entries(root)
-    kind = "librispeech"
-    if not entries:
-        entries, kind = folder_entries(root), "folder"
-    if not entries:
-        raise DatasetError(f"no *.trans.txt and no audio files ({', '.join(ENCODINGS)}) in {root}")
+    root = resolve_root(spec, cache_dir, base_url)
+    entries, kind = local_entries(root)
     if limit is not None and limit > len(entries):
         log.warning(
             "--limit %d but %s holds only %d files: using all %d", limit, spec, len(entries),
@@ -127,10 +124,36 @@ def load_dataset(
     return Dataset(spec, kind, tuple(read_entry(e) for e in select(entries, limit, seed)))
 
 
+def resolve_root(spec: str, cache_dir: Path | None = None, base_url: str | None = None) -> Path:
+    """The folder a local spec names (`sample[:split]`, `librispeech:<split>`, a path)."""
+    if spec == "sample" or spec.startswith("sample:"):
+        root = SAMPLES / "LibriSpeech" / spec.partition(":")[2]
+    elif spec.startswith("librispeech:"):
+        from loadgen import fetch
+
+        root = fetch.ensure_librispeech(spec.split(":", 1)[1], cache_dir, base_url)
+    else:
+        root = Path(spec).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"data set folder not found: {root}")
+    return root
+
+
+def local_entries(root: Path) -> tuple[list[Entry], str]:
+    """The utterances under a folder, and which kind of folder it is."""
+    entries = librispeech_entries(root)
+    if entries:
+        return entries, "librispeech"
+    entries = folder_entries(root)
+    if not entries:
+        raise DatasetError(f"no *.trans.txt and no audio files ({', '.join(ENCODINGS)}) in {root}")
+    return entries, "folder"
+
+
 def librispeech_entries(root: Path) -> list[Entry]:
     """Utterances of the official layout under root (one split or several), sorted by id."""
     entries = []
-    for trans in sorted(root.rglob("*.trans.txt")):
+    for trans in sorted([*root.rglob("*.trans.txt"), *root.rglob("transcripts.txt")]):
         for line in trans.read_text(encoding="utf-8").splitlines():
             uid, _, text = line.strip().partition(" ")
             audio = _first_existing(trans.parent / f"{uid}{suffix}" for suffix in (".flac", ".wav"))
@@ -243,3 +266,54 @@ def pcm16(item: Item) -> tuple[bytes, int]:
     samples, rate = sf.read(io.BytesIO(item.data), dtype="int16", always_2d=True)
     mono = samples.mean(axis=1).astype("<i2") if samples.shape[1] > 1 else samples[:, 0]
     return mono.astype("<i2").tobytes(), int(rate)
+
+
+# -- decoded clips, for the in-process measurements ------------------------------------------
+@dataclass(frozen=True)
+class Clip:
+    """One utterance for the in-process benchmarks: its file (as a client sends it) and its
+    16 kHz mono samples (as `generate` takes them)."""
+
+    id: str
+    content: bytes
+    samples: np.ndarray
+    """float32, 16 kHz, mono."""
+    reference: str | None
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / 16_000
+
+    def pcm16(self) -> bytes:
+        """Little-endian 16-bit PCM, for LINEAR16 streams."""
+        return (np.clip(self.samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+
+
+def load_clips(
+    spec: str = DEFAULT_DATASET,
+    *,
+    files: int | None = None,
+    min_s: float = 0.0,
+    max_s: float = float("inf"),
+    cache_dir: Path | None = None,
+) -> list[Clip]:
+    """The first `files` utterances (in id order) of `min_s`..`max_s` seconds under the data set
+    `spec` names (any local spec of `load_dataset`). 16 kHz mono files only: the in-process
+    reference feeds samples to the model as they are."""
+    root = resolve_root(spec, cache_dir)
+    clips: list[Clip] = []
+    for entry in local_entries(root)[0]:
+        if files is not None and len(clips) >= files:
+            break
+        info = sf.info(entry.path)
+        if not min_s <= info.duration <= max_s:
+            continue
+        if info.samplerate != 16_000 or info.channels != 1:
+            log.warning("%s: %d Hz, %d channel(s); only 16 kHz mono is used here", entry.id,
+                        info.samplerate, info.channels)  # fmt: skip
+            continue
+        samples, _ = sf.read(entry.path, dtype="float32")
+        clips.append(Clip(entry.id, entry.path.read_bytes(), samples, entry.reference))
+    if not clips:
+        raise DatasetError(f"no 16 kHz mono clips of {min_s:g}-{max_s:g} s under {root}")
+    return clips

@@ -14,15 +14,14 @@ Plots use matplotlib's Agg backend (no display needed); `line_plots` is shared w
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadgen.plots import pyplot
 from loadgen.stats import (
     CSV_COLUMNS,
     FIELDS,
@@ -32,6 +31,7 @@ from loadgen.stats import (
     LevelResult,
     LevelSummary,
 )
+from loadgen.writers import cell, write_csv, write_json
 
 RECORD_COLUMNS = ["level", "mode", "concurrency", "rate", "phase", *FIELDS]
 
@@ -77,45 +77,6 @@ def _record_rows(results: Sequence[LevelResult]) -> Iterable[dict[str, Any]]:
                 "phase": result.phase(record),
                 **record.__dict__,
             }
-
-
-def cell(value: Any) -> str:
-    """One CSV/table cell: numbers rounded, None and NaN empty, dicts as `k:v;k:v`."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return "" if math.isnan(value) else str(round(value, 3))
-    if isinstance(value, dict):
-        return ";".join(f"{k}:{cell(v)}" for k, v in sorted(value.items()))
-    if isinstance(value, (tuple, list)):
-        return ";".join(cell(v) for v in value)
-    return str(value)
-
-
-def write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for row in rows:
-            writer.writerow([cell(row.get(c)) for c in columns])
-    return path
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None  # JSON has no NaN
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def write_json(path: Path, data: dict[str, Any]) -> Path:
-    path.write_text(json.dumps(_jsonable(data), indent=2, default=str) + "\n", encoding="utf-8")
-    return path
 
 
 TABLE = [
@@ -250,18 +211,9 @@ class Panel:
     """Ticks at the levels themselves (concurrency is an integer)."""
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: files only
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def line_plots(path: Path, panels: Sequence[Panel], title: str = "") -> Path:
     """One PNG with the panels side by side; y axes start at 0."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.4), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         _draw(ax, panel.series)
@@ -454,7 +406,7 @@ def stream_plots(out: Path, results: Sequence[LevelResult], label: str) -> list[
 
 def cdf_plot(path: Path, results: Sequence[LevelResult], modes: Sequence[str], label: str) -> Path:
     """Latency CDF of each level's window (successful requests), one curve per level."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(modes), figsize=(6.4 * len(modes), 4.4), squeeze=False)
     for ax, mode in zip(axes[0], modes, strict=True):
         for result in sorted((r for r in results if r.plan.mode == mode), key=lambda r: r.plan.x):
@@ -500,7 +452,7 @@ def breakdown_plot(
     """Mean latency per level as stacked bars of where the time went; the bars add up to the
     mean client latency (means add up, medians don't). Levels whose server sent no split are
     left empty."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(modes), figsize=(6.4 * len(modes), 4.4), squeeze=False)
     for ax, mode in zip(axes[0], modes, strict=True):
         rows = sorted((s for s in summaries if s.mode == mode and s.measured), key=_x)
@@ -542,7 +494,7 @@ def timeseries_plot(
 ) -> Path:
     """Every request's latency against its send time since its level began (warm-up,
     window, cool-down), errors as crosses at the bottom: warm-up effects and drift show."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(modes), figsize=(6.4 * len(modes), 4.4), squeeze=False)
     for ax, mode in zip(axes[0], modes, strict=True):
         ours = sorted((r for r in results if r.plan.mode == mode), key=lambda r: r.plan.x)

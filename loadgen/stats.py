@@ -507,11 +507,11 @@ def bootstrap_interval(
 
 def word_error_rate(records: Sequence[Record], references: Mapping[str, str]) -> float | None:
     """Corpus WER of the transcripts against the references, with Whisper's English normalizer
-    (server.evaluation). Every request counts, replays included; None without references."""
+    (loadgen.wer). Every request counts, replays included; None without references."""
     pairs = [(references[r.item_id], r.transcript) for r in records if r.item_id in references]
     if not pairs:
         return None
-    from server.evaluation import word_error_rate as wer  # transformers: import only when used
+    from loadgen.wer import word_error_rate as wer  # transformers: import only when used
 
     return wer([ref for ref, _ in pairs], [hyp for _, hyp in pairs])
 

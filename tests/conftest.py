@@ -1,9 +1,19 @@
-"""Shared fixtures: paths to the real test audio in ../shared/data, and helpers."""
+"""Shared fixtures: paths to the real test audio in ../shared/data, and helpers; and the
+split of tests by cost.
+
+`make test-fast` runs `-m "not slow and not gpu"`: the tests that start no subprocess and load
+no real weights. A test is slow when it is under tests/integration (real weights, real
+servers), in one of SLOW_MODULES (Docker Compose, kubectl, buf), or marked
+`@pytest.mark.slow` itself. A fast test that starts a subprocess fails and says to mark it.
+"""
 
 from __future__ import annotations
 
 import io
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +24,40 @@ DATA = ROOT.parent / "shared" / "data"
 LIBRISPEECH = DATA / "LibriSpeech"
 JFK_FLAC = DATA / "jfk" / "jfk.flac"
 JFK_WAV = DATA / "jfk" / "jfk.wav"
+SLOW_DIRS = ("integration", "gpu")
+SLOW_MODULES = ("test_buf.py", "test_deploy.py", "test_k8s.py", "test_gpu_check.py")
+"""Whole modules whose fixtures run buf, docker compose, kubectl or bash."""
+CHEAP_COMMANDS = ("uname",)
+"""Subprocesses a fast test may start: `platform.processor()` runs `uname -p` (the device
+name of a CPU)."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = Path(str(item.fspath))
+        parts = path.relative_to(ROOT / "tests").parts if path.is_relative_to(ROOT) else ()
+        if (parts and parts[0] in SLOW_DIRS) or path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_subprocess(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """In a test not marked slow, starting a subprocess is an error that names the test."""
+    if request.node.get_closest_marker("slow") is None:
+        start = subprocess.Popen.__init__
+
+        def refuse(self: subprocess.Popen[bytes], args: Any, *rest: Any, **kw: Any) -> None:
+            if isinstance(args, (list, tuple)) and args and args[0] in CHEAP_COMMANDS:
+                return start(self, args, *rest, **kw)
+            raise AssertionError(
+                f"{request.node.nodeid} starts a subprocess ({args!r}): mark it "
+                "@pytest.mark.slow, or make it cheaper"
+            )
+
+        monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    yield
 
 
 def require_data() -> None:

@@ -16,7 +16,8 @@ def load_model(settings: Settings) -> SpeechModel:
     import torch
     import transformers
 
-    from server.checkpoints.provision import resolve_model
+    from server.checkpoints.hub import ensure_hub_model_available
+    from server.checkpoints.provision import BUILTIN_MODELS, resolve_model
     from server.models.whisper import WhisperModel
 
     # The intra-op pool is process-wide; set it here, on the thread that will run the model.
@@ -25,6 +26,8 @@ def load_model(settings: Settings) -> SpeechModel:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     resolved = resolve_model(settings.model, settings.cache_dir)
+    if resolved.source == "hub":  # fail in seconds when offline, not after minutes of retries
+        ensure_hub_model_available(resolved.name_or_path, tuple(BUILTIN_MODELS))
     model = WhisperModel(
         resolved.name_or_path,
         model_id=settings.model,

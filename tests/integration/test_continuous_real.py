@@ -15,8 +15,8 @@ import pytest
 import soundfile as sf
 import torch
 
+from loadgen.wer import word_error_rate
 from server.batching.continuous import ContinuousEngine, EngineConfig
-from server.evaluation import word_error_rate
 from server.models.base import DecodeOptions, WindowResult, WindowTask
 from server.models.whisper_step import GreedyRuntime
 from tests.conftest import librispeech_items, require_data

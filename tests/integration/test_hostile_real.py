@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from asr.v1 import asr_pb2
-from server.evaluation import word_error_rate
+from loadgen.wer import word_error_rate
 from tests.conftest import JFK_FLAC, require_data, wav_bytes
 
 Config = asr_pb2.RecognitionConfig

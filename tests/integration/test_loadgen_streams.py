@@ -16,9 +16,9 @@ import pytest
 import soundfile as sf
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
+from loadgen.wer import word_error_rate
 from server.config import Settings
 from server.embedded import EmbeddedServer
-from server.evaluation import word_error_rate
 from server.models.fake import FakeModel
 from tests.conftest import LIBRISPEECH, require_data
 from tests.integration.test_loadgen_distributed import follow, start, wait_for_port

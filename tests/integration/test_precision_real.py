@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from asr.v1 import asr_pb2
+from loadgen.wer import word_error_rate
 from server.config import Settings
 from server.embedded import EmbeddedServer
-from server.evaluation import word_error_rate
 from tests.conftest import librispeech_items, require_data
 
 

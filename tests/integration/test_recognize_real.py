@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from asr.v1 import asr_pb2
-from server.evaluation import word_error_rate
+from loadgen.wer import word_error_rate
 from tests.conftest import JFK_FLAC, JFK_WAV, librispeech_items, require_data
 
 Config = asr_pb2.RecognitionConfig

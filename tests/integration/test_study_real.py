@@ -7,7 +7,7 @@ import csv
 import json
 from pathlib import Path
 
-from server.study import main
+from loadgen.inprocess.study import main
 from tests.conftest import LIBRISPEECH, require_data
 
 
@@ -19,7 +19,7 @@ def test_study_writes_its_csv_json_and_plot_and_compare_prices_hosts(
     argv = [
         "--dataset", str(LIBRISPEECH / "test-clean"), "--models", "tiny.en",
         "--batch-sizes", "2,1", "--files", "2", "--max-s", "4", "--cache-dir", str(model_cache),
-        "--dtype", "float32", "--label", "this-cpu", "--price-per-hour", "0.10",
+        "--dtypes", "float32", "--label", "this-cpu", "--price-per-hour", "0.10",
         "--out", str(out),
     ]  # fmt: skip
     assert main(argv) == 0
@@ -39,7 +39,8 @@ def test_study_writes_its_csv_json_and_plot_and_compare_prices_hosts(
     facts = json.loads((out / "study.json").read_text())
     assert (facts["device"], facts["dtype"], facts["label"]) == ("cpu", "float32", "this-cpu")
     assert facts["versions"]["torch"] and facts["versions"]["transformers"]
-    assert "| tiny.en | generate | 2 |" in capsys.readouterr().out
+    assert "| tiny.en | float32 | generate | 2 |" in capsys.readouterr().out
+    assert all(float(r["wer"]) < 0.25 for r in rows)  # real weights: real transcripts
 
     other = tmp_path / "other"  # a second "host": the same figures, twice the price
     other.mkdir()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from server.evaluation import word_error_rate
+from loadgen.wer import word_error_rate
 from tests.conftest import librispeech_items, require_data
 from tests.integration.test_recognize_real import transcribe_all
 from tests.integration.test_streaming_real import finals_text, run

@@ -49,6 +49,7 @@ def test_bad_environment_value_names_the_variable():
         parse_settings([], {"WHISPER_GRPC_MAX_WAIT_MS": "soon"})
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_exits_non_zero_with_a_message_before_loading_anything():
     proc = subprocess.run(
         [sys.executable, "-m", "server", "--max-batch-size", "0"],

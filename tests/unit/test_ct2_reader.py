@@ -485,6 +485,7 @@ def test_cache_lock_is_exclusive(tmp_path: Path) -> None:
     assert events == ["holder", "contender"]
 
 
+@pytest.mark.slow  # a subprocess
 def test_concurrent_cli_runs_convert_once(tmp_path: Path) -> None:
     ct2_dir, cache = write_ct2_dir(tmp_path / "ct2"), tmp_path / "cache"
     command = [sys.executable, "-m", "server.checkpoints.provision", str(ct2_dir), "--cache-dir"]

@@ -38,6 +38,7 @@ def seed_corpus(folder: Path, target: str) -> None:
         (folder / "config").write_bytes(request.SerializeToString())
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize("target", ["audio", "request"])
 def test_bounded_fuzz_pass(target, tmp_path):
     corpus = tmp_path / "corpus"

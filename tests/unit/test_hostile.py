@@ -255,6 +255,7 @@ def test_empty_keepalives_do_not_extend_the_idle_timeout():
 
 
 # -- 1.11 a port in use --------------------------------------------------------------------------
+@pytest.mark.slow  # a subprocess
 def test_a_metrics_port_in_use_is_one_clear_line_and_exit_1(tmp_path):
     import socket
 

@@ -14,13 +14,13 @@ from loadgen.compare import (
     NotComparable,
     comparability,
     compare_runs,
-    cost_per_1000h,
     load_run,
     peak,
     slo_capacity,
     write_compare,
 )
 from loadgen.config import LevelPlan
+from loadgen.costs import cost_per_1000h
 from loadgen.report import write_run
 from loadgen.stats import OK, LevelResult, Record, summarize
 

@@ -121,3 +121,44 @@ def test_pcm16_for_streams_is_mono_16bit():
     pcm, rate = pcm16(ds.items[0])
     assert rate == 16000
     assert len(pcm) == 2 * round(ds.items[0].audio_s * rate)
+
+
+# -- the shipped sample and decoded clips ----------------------------------------------------
+def test_sample_is_the_default_and_works_offline():
+    from loadgen.cli import build_parser
+    from loadgen.dataset import DEFAULT_DATASET, SAMPLES
+
+    args = build_parser().parse_args(["run", "--target", "x:1", "--out", "o"])
+    assert args.dataset == DEFAULT_DATASET == "sample"
+    every = load_dataset("sample")
+    assert every.kind == "librispeech" and len(every.items) == 27
+    assert len(every.references) == 27  # WER works out of the box
+    clean = load_dataset("sample:test-clean")
+    assert len(clean.items) == 7 and {i.id for i in clean.items} < {i.id for i in every.items}
+    licence = (SAMPLES / "README.md").read_text()
+    assert "CC BY 4.0" in licence and "public domain" in licence
+    assert (SAMPLES / "jfk.wav").is_file() and (SAMPLES / "jfk.flac").is_file()
+
+
+def test_unknown_sample_split_names_the_folder():
+    with pytest.raises(DatasetError, match="samples/LibriSpeech/dev-other"):
+        load_dataset("sample:dev-other")
+
+
+def test_clips_are_decoded_filtered_by_length_and_keep_references():
+    from loadgen.dataset import load_clips
+
+    clips = load_clips("sample", files=5, min_s=2.5, max_s=5.0)
+    assert len(clips) == 5 and all(2.5 <= c.duration_s <= 5.0 for c in clips)
+    assert [c.id for c in clips] == sorted(c.id for c in clips)
+    assert all(c.reference and c.samples.dtype.name == "float32" for c in clips)
+    assert len(clips[0].pcm16()) == 2 * len(clips[0].samples)
+    with pytest.raises(DatasetError, match="no 16 kHz mono clips of 100-200 s"):
+        load_clips("sample", min_s=100, max_s=200)
+
+
+def test_a_transcripts_file_gives_references_to_a_plain_folder(tmp_path: Path):
+    shutil.copy(JFK_WAV, tmp_path / "jfk.wav")
+    (tmp_path / "transcripts.txt").write_text("jfk AND SO MY FELLOW AMERICANS\n")
+    (item,) = load_dataset(str(tmp_path)).items
+    assert (item.id, item.reference) == ("jfk", "AND SO MY FELLOW AMERICANS")

@@ -208,6 +208,7 @@ print(server_info(make_channels(conn)[0], conn)["model_id"])
 """
 
 
+@pytest.mark.slow  # a subprocess
 def test_the_load_generator_speaks_mutual_tls_and_tokens(pki, tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text(TOKENS[0] + "\n")
@@ -230,6 +231,7 @@ def test_the_load_generator_speaks_mutual_tls_and_tokens(pki, tmp_path):
         server.stop()
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.skipif(shutil.which("grpcurl") is None, reason="grpcurl is not installed")
 def test_grpcurl_with_mutual_tls_and_a_token(pki, tmp_path):
     tokens = tmp_path / "tokens"

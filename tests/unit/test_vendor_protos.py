@@ -85,6 +85,7 @@ def _ours(descriptor: FileDescriptor) -> dict[str, tuple]:
     return _flatten(proto)
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize(
     "descriptor",
     [google_speech_pb2.DESCRIPTOR, riva_asr_pb2.DESCRIPTOR, riva_audio_pb2.DESCRIPTOR],

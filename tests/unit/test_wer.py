@@ -6,7 +6,7 @@ from __future__ import annotations
 import jiwer
 import pytest
 
-from server.evaluation import normalize, word_error_rate
+from loadgen.wer import normalize, word_error_rate
 from tests.conftest import librispeech_items, require_data
 
 
