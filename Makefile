@@ -16,7 +16,7 @@ HOST ?= 127.0.0.1
 DATASET ?= sample
 STAMP_TIME := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: help install model serve test test-fast lint typecheck buf pytest protos loadtest \
+.PHONY: help install model serve test test-fast lint typecheck buf pytest docs protos loadtest \
 	study bench-engines bench-precision bench-decode soak fuzz-long gpu-pack gpu-check \
 	gpu-rehearsal images freeze clean
 
@@ -73,6 +73,9 @@ test: lint typecheck buf pytest ## the whole suite, as CI runs it (prints the 20
 
 test-fast: lint typecheck ## lint, types and the tests that start no subprocess and load no real weights
 	$(VENV)/bin/pytest -q -m "not slow and not gpu" --durations=10
+
+docs: install ## regenerate docs/configuration.md from Settings (a test checks it)
+	$(PY) scripts/gen_config_doc.py
 
 protos: install ## regenerate asr/v1 and asr/vendors stubs from protos/
 	$(PY) scripts/gen_protos.py
