@@ -177,8 +177,9 @@ def test_prompts_follow_the_generation_config() -> None:
     assert multi.prompt(DecodeOptions(language="fr", task="translate")) == [
         SOT, FR, TRANSLATE, NO_TIMESTAMPS,
     ]  # fmt: skip
+    # no language: detected when the window joins (tests/unit/test_shared_decode.py)
+    assert multi.prompt(DecodeOptions(language=None)) == [SOT, -1, TRANSCRIBE, NO_TIMESTAMPS]
     for unsupported in (
-        DecodeOptions(language=None),  # language detection
         DecodeOptions(language="en", beam_size=2),
         DecodeOptions(language="en", temperature=0.4),
         DecodeOptions(language="en", prompt="hello"),
@@ -430,7 +431,7 @@ async def test_options_it_does_not_cover_go_through_run_batch(worker) -> None:
         engine.submit_many([
             task(feats[0], greedy),
             task(feats[1], DecodeOptions(language="fr", beam_size=3)),
-            task(feats[2], DecodeOptions(language=None)),  # language detection
+            task(feats[2], DecodeOptions(language="fr", prompt="hello")),
         ]),
         30,
     )  # fmt: skip
