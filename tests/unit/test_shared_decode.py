@@ -20,12 +20,13 @@ from server.models.whisper import WhisperModel
 from server.models.whisper_language import detect_languages
 from server.models.whisper_step import GreedyRuntime
 from tests.random_whisper import make_random_checkpoint
-from tests.unit.test_continuous import (
+from tests.unit.test_continuous import (  # noqa: F401 - one_thread: an autouse fixture
     EN,
     EOS,
     FR,
     TinyWhisper,
     assert_same,
+    one_thread,
     reference,
     windows,
 )
