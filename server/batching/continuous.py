@@ -17,10 +17,16 @@ for all of it. Here the decoder runs one token at a time over whatever sequences
 - Each result carries the no-speech probability (softmax at <|startoftranscript|>) and the
   confidence (geometric mean of the chosen tokens' probabilities after suppression), as
   `WhisperModel` computes them.
+- Language detection (a multilingual model, no language given) happens when a window joins:
+  one batched decoder pass at <|startoftranscript|> reads the language tokens' logits
+  (`server.models.whisper_language`). Word times are computed when a sequence finishes: one
+  batched teacher-forced pass gives the alignment heads' cross-attention, then `generate`'s
+  median filter and dynamic time warping (`server.models.whisper_align`).
 - Windows whose options greedy decoding here doesn't cover (beam_size > 1, temperature > 0, a
-  prompt, word timestamps, a multilingual model without a language, i.e. language detection)
-  go through `model.run_batch` (transformers' `generate`) on the same thread, between steps
-  (fallback): they hold the decode batch up for as long as that call takes.
+  prompt) go through `model.run_batch_yielding` (transformers' `generate`) on the same thread
+  (fallback), one batch at a time. It yields after every token (beam step): the decode loop
+  then runs its own rounds (joins and steps, no other fallback) for (1 - share) / share of the
+  time the fallback just ran (`max_fallback_share`), so a fallback can't hold the others.
 - Admission: at most `max_active` sequences decode at once (each holds its caches), at most
   `max_batch_size` windows join at a time, in arrival order, urgent windows before
   background ones (streams' interims); background windows join only while no urgent sequence

@@ -8,6 +8,8 @@ A batch is decoded in three steps: one encoder pass over all windows; one decode
 <|startoftranscript|> for the no-speech probability (cheap, and what Whisper's own silence
 check uses); then `generate` from the encoder output, greedy by default. Windows with
 different decoding options (language, task, beam, prompt...) are decoded as separate groups.
+`run_batch_yielding` does the same, calling back between `generate`'s tokens (the continuous
+engine's fallback runs its own decode steps there).
 """
 
 from __future__ import annotations

@@ -535,7 +535,7 @@ async def test_the_timing_split_adds_up_and_charges_others_encoder_passes_as_hel
         time.sleep(0.05)  # the cost of an encoder pass, made big enough to measure
         return join(*args)
 
-    engine.runtime.join = slow_join  # type: ignore[method-assign]
+    engine.runtime.join = slow_join  # type: ignore[method-assign,assignment]
     started = time.monotonic()
     first = asyncio.ensure_future(engine.submit_many([task(f) for f in feats[:2]]))
     assert await asyncio.to_thread(steps.entered.wait, 10)  # two sequences are decoding
