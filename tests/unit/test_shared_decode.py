@@ -17,6 +17,7 @@ import torch
 from server.batching.continuous import ContinuousEngine, EngineConfig
 from server.models.base import DecodeOptions, WindowResult, WindowTask
 from server.models.whisper import WhisperModel
+from server.models.whisper_align import dynamic_time_warping
 from server.models.whisper_language import detect_languages
 from server.models.whisper_step import GreedyRuntime
 from tests.random_whisper import make_random_checkpoint
@@ -227,3 +228,17 @@ def test_generate_pauses_between_tokens_and_gives_the_same_result(english: Whisp
     assert shared == plain
     longest = max(len(r.tokens) for r in plain)
     assert len(pauses) >= longest  # one per beam step at least
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 6), (6, 1), (3, 7), (40, 300), (25, 25)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_dynamic_time_warping_takes_transformers_path(shape: tuple[int, int], ties: bool) -> None:
+    """The numpy wavefront gives transformers' path exactly, ties (rounded costs) included."""
+    from transformers.models.whisper.generation_whisper import _dynamic_time_warping
+
+    matrix = np.random.default_rng(sum(shape)).standard_normal(shape)
+    if ties:
+        matrix = np.round(matrix)
+    want = _dynamic_time_warping(matrix)
+    got = dynamic_time_warping(matrix)
+    assert [list(a) for a in got] == [list(b) for b in want]
