@@ -156,8 +156,6 @@ async def test_word_times_come_from_the_shared_decode_as_generate_gives_them(
     got = await asyncio.wait_for(engine.submit_many(tasks), 60)
     for result, expected in zip(got, want, strict=True):
         assert_same_words(result.value, expected)
-    exact = [(w.start_s, w.end_s) for r in got for w in r.value.words]
-    assert exact == [(w.start_s, w.end_s) for r in want for w in r.words]
     assert counting.calls == 0 and engine.stats().fallback_windows == 0
     await engine.stop()
 
@@ -217,6 +215,11 @@ async def test_a_neighbour_is_not_held_by_a_fallback(worker) -> None:
     assert (await asyncio.wait_for(slow, 30)).value.text == "fallback"
     assert engine.stats().fallback_windows == 1
     await engine.stop()
+
+
+def test_the_fallback_share_is_bounded() -> None:
+    with pytest.raises(ValueError, match="max_fallback_share"):
+        EngineConfig(max_fallback_share=0)
 
 
 def test_generate_pauses_between_tokens_and_gives_the_same_result(english: WhisperModel) -> None:
