@@ -35,6 +35,7 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     "max-batch-size": (int, "most 30 s windows per model call (continuous: per encoder pass)"),
     "max-active": (int, "continuous engine: most windows decoding at once"),
     "max-join-share": (float, "continuous engine: tail guard, (0, 1]; 1: off"),
+    "max-fallback-share": (float, "continuous engine: most worker time a fallback takes, (0, 1]"),
     "max-wait-ms": (float, "longest a batch waits to fill after its first item, ms"),
     "max-prepare-wait-ms": (float, "longest a batch waits for requests still being decoded, ms"),
     "max-queue-size": (int, "windows allowed to wait; beyond: RESOURCE_EXHAUSTED"),

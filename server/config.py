@@ -62,6 +62,11 @@ class Settings:
     """With `continuous`: new windows wait while a decoding window has spent more than this
     share of its decoding time held up by other windows' encoder passes, (0, 1]; 1: off.
     Lower trades throughput and p50 for a shorter tail (p99) under steady load."""
+    max_fallback_share: float = bounded(0.25, 0.01, 1)
+    """With `continuous`: the most of the model worker's time a `generate` fallback (beam
+    search, temperature, prompts) takes while other windows are decoding, (0, 1]: between its
+    tokens, windows in the shared decode step for the rest. 1: a fallback runs to its end
+    while the others wait."""
     max_wait_ms: float = bounded(10.0, 0, 10_000)
     """Longest a batch waits to fill after its first item arrived, 0..10000 ms."""
     max_prepare_wait_ms: float = bounded(100.0, 0, 10_000)

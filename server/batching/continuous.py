@@ -17,10 +17,16 @@ for all of it. Here the decoder runs one token at a time over whatever sequences
 - Each result carries the no-speech probability (softmax at <|startoftranscript|>) and the
   confidence (geometric mean of the chosen tokens' probabilities after suppression), as
   `WhisperModel` computes them.
+- Language detection (a multilingual model, no language given) happens when a window joins:
+  one batched decoder pass at <|startoftranscript|> reads the language tokens' logits
+  (`server.models.whisper_language`). Word times are computed when a sequence finishes: one
+  batched teacher-forced pass gives the alignment heads' cross-attention, then `generate`'s
+  median filter and dynamic time warping (`server.models.whisper_align`).
 - Windows whose options greedy decoding here doesn't cover (beam_size > 1, temperature > 0, a
-  prompt, word timestamps, a multilingual model without a language, i.e. language detection)
-  go through `model.run_batch` (transformers' `generate`) on the same thread, between steps
-  (fallback): they hold the decode batch up for as long as that call takes.
+  prompt) go through `model.run_batch_yielding` (transformers' `generate`) on the same thread
+  (fallback), one batch at a time. It yields after every token (beam step): the decode loop
+  then runs its own rounds (joins and steps, no other fallback) for (1 - share) / share of the
+  time the fallback just ran (`max_fallback_share`), so a fallback can't hold the others.
 - Admission: at most `max_active` sequences decode at once (each holds its caches), at most
   `max_batch_size` windows join at a time, in arrival order, urgent windows before
   background ones (streams' interims); background windows join only while no urgent sequence
@@ -90,13 +96,19 @@ class EngineConfig:
     # decoding sequence has spent more than this share of its decoding time held up so, so a
     # long transcript still progresses while short requests come and go (the p99). 1: off.
     max_join_share: float = 1.0
+    # Between the tokens of a `generate` fallback, the decode loop runs its own rounds so the
+    # fallback takes at most this share of the worker's time while others decode. 1: off.
+    max_fallback_share: float = 0.25
 
     def __post_init__(self) -> None:
         check_bounds(self)
 
     @classmethod
     def from_settings(cls, s: Settings) -> EngineConfig:
-        return cls(s.max_active, s.max_batch_size, s.max_queue_size, s.max_join_share)
+        return cls(
+            s.max_active, s.max_batch_size, s.max_queue_size, s.max_join_share,
+            s.max_fallback_share,
+        )  # fmt: skip
 
 
 # -- the batcher side: queue, futures, the decode loop on the model worker --------------------
@@ -322,23 +334,43 @@ class ContinuousEngine:
             return False
         self._drop_leavers()
         joining, fallback = self._take()
-        if fallback:
+        if fallback:  # the windows taken with it join first: they step between its tokens
+            if joining:
+                self._join(joining)
+                joining = []
             self._run_fallback(fallback)
-        if joining:
-            self._join(joining)
-        if self.runtime.active:
-            self._step()
-        if not self.runtime.active:
-            self._step_rows = None  # memory pressure ended with the batch
+        self._decode_round(joining)
         with self._lock:
             if not self.depth and not self.runtime.active:
                 self._running = False
                 return False
         return True
 
-    def _take(self) -> tuple[list[_Request], list[_Request]]:
+    def _decode_round(self, joining: list[_Request]) -> bool:
+        """Join `joining`, then one decode step; whether there was anything to do."""
+        if joining:
+            self._join(joining)
+        stepped = bool(self.runtime.active)
+        if stepped:
+            self._step()
+        if not self.runtime.active:
+            self._step_rows = None  # memory pressure ended with the batch
+        return stepped or bool(joining)
+
+    def _between_fallback_tokens(self) -> bool:
+        """One round of the shared decode inside a fallback's `generate` (worker thread):
+        leavers out, supported windows in (fallbacks stay queued: one runs at a time), one
+        step. Whether there was anything to do."""
+        if self._stopping:
+            return False  # the outer loop fails what is decoding once the fallback returns
+        self._drop_leavers()
+        joining, _ = self._take(fallbacks=False)
+        return self._decode_round(joining)
+
+    def _take(self, fallbacks: bool = True) -> tuple[list[_Request], list[_Request]]:
         """Take windows off the queue in order: supported ones up to the free slots and the
-        encoder batch cap, others into a fallback batch; drop cancelled and expired ones."""
+        encoder batch cap, others into a fallback batch (unless `fallbacks` is False: they
+        stay queued, in order); drop cancelled and expired ones."""
         free = self.config.max_active - len(self.runtime.active)
         cap = min(free, self.config.max_batch_size)
         joining: list[_Request] = []
@@ -351,20 +383,26 @@ class ContinuousEngine:
         background = self._background
         if background and any(not seq.owner.background for seq in self.runtime.active):
             background = collections.deque()
+        kept: dict[int, tuple[collections.deque[_Request], list[_Request]]] = {}
         with self._lock:
             if not self._join_now(free, now):
                 return joining, fallback
             while queue := self._pending or background:  # urgent windows first
-                r = queue[0]
+                r = queue.popleft()
                 if r.deadline is not None and now >= r.deadline:
                     expired.append(r)
                 elif not r.future.done():  # not cancelled (a read of its state only)
                     r.prompt = self.runtime.prompt(r.task.options)
+                    if r.prompt is None and not fallbacks:
+                        kept.setdefault(id(queue), (queue, []))[1].append(r)
+                        continue
                     group, limit = (joining, cap) if r.prompt is not None else (fallback, cap or 1)
                     if len(group) >= limit:
+                        queue.appendleft(r)
                         break
                     group.append(r)
-                queue.popleft()
+            for queue, skipped in kept.values():
+                queue.extendleft(reversed(skipped))
             self._in_hand.update(joining + fallback)
         for r in expired:
             self._send(r.future, expired_in_queue(now - r.enqueued))
@@ -432,6 +470,7 @@ class ContinuousEngine:
                 [r.prompt or [] for r in joining],
                 joining,
                 [self.runtime.draft(r.task.options) for r in joining],
+                [r.task.duration_s if r.task.options.word_timestamps else None for r in joining],
             )
         except UnrecoverableError:
             raise
@@ -507,23 +546,43 @@ class ContinuousEngine:
             return
         self.runtime.leave(done)
         self._counts["finished"] += len(done)
+        try:
+            results: list[WindowResult | Exception] = list(self.runtime.results(done))
+        except UnrecoverableError:
+            raise
+        except Exception as err:  # the word-time pass: only the windows that wanted them
+            log.exception("word-time pass of %d sequences failed", len(done))
+            results = [self._result_without_words(seq, err) for seq in done]
         now = time.monotonic()
-        for seq in done:
+        for seq, value in zip(done, results, strict=True):
             r: _Request = seq.owner
+            if isinstance(value, Exception):
+                self._close(r, value)
+                continue
             # decoding is unset when it finished inside its own join pass (still running).
             result = Batched(
-                self.runtime.result(seq), r.joined - r.enqueued, now - r.joined,
+                value, r.joined - r.enqueued, now - r.joined,
                 seq.most_rows, r.batch_id, (r.decoding or now) - r.joined, r.held_s,
             )  # fmt: skip
             self._close(r, result)
 
+    def _result_without_words(
+        self, seq: DecodeSequence, err: Exception
+    ) -> WindowResult | Exception:
+        if seq.duration_s is not None:
+            return as_batch_error(err)
+        return self.runtime.result(seq)
+
     def _run_fallback(self, batch: list[_Request]) -> None:
         started = time.monotonic()
-        held = list(self.runtime.active)
         self._batches += 1
-        pieces = run_in_pieces(self.model.run_batch, [r.task for r in batch])
+        turns = _FallbackTurns(self, self.config.max_fallback_share)
+        pieces = run_in_pieces(
+            lambda tasks: self.model.run_batch_yielding(tasks, turns.pause),
+            [r.task for r in batch],
+        )
+        turns.pause(share=False)  # charge its last stretch to the sequences it held
         infer_s = time.monotonic() - started
-        self._hold(held, started)
         # Counted before the callers hear back, so whoever reads stats() after a reply sees it.
         self._counts["fallback_windows"] += len(batch)
         self._seconds["fallback"] += infer_s
@@ -569,3 +628,31 @@ class ContinuousEngine:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
             self._loop.call_soon_threadsafe(fn, *args)
+
+
+class _FallbackTurns:
+    """A `generate` fallback's bounded share of the worker (issue: one client's beam search
+    stalled everyone). `pause()` runs between the fallback's tokens: the time the fallback ran
+    since the last pause is charged to the sequences it held, and buys the shared decode
+    (1 - share) / share as much time, spent in rounds while it has work (debt carries over,
+    idle credit does not), so a neighbour decodes at least at (1 - share) of its idle speed
+    and the fallback still gets `share` when everyone is busy."""
+
+    def __init__(self, engine: ContinuousEngine, share: float) -> None:
+        self.engine = engine
+        self.ratio = (1 - share) / share
+        self.credit_s = 0.0
+        self.resumed = time.monotonic()
+
+    def pause(self, share: bool = True) -> None:
+        engine = self.engine
+        engine._hold(list(engine.runtime.active), self.resumed)
+        if share and self.ratio > 0:
+            self.credit_s += (time.monotonic() - self.resumed) * self.ratio
+            while self.credit_s > 0:
+                started = time.monotonic()
+                if not engine._between_fallback_tokens():
+                    self.credit_s = min(self.credit_s, 0.0)
+                    break
+                self.credit_s -= time.monotonic() - started
+        self.resumed = time.monotonic()

@@ -9,6 +9,7 @@ thread, which owns the accelerator. No protobuf here.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -94,6 +95,13 @@ class SpeechModel(ABC):
     @abstractmethod
     def run_batch(self, tasks: list[WindowTask]) -> list[WindowResult]:
         """Decode a batch of windows; returns one result per task, in order."""
+
+    def run_batch_yielding(
+        self, tasks: list[WindowTask], pause: Callable[[], None]
+    ) -> list[WindowResult]:
+        """`run_batch`, calling `pause()` now and then (between decoding steps) so the caller
+        can run other work on this thread; a model that can't pause just runs the batch."""
+        return self.run_batch(tasks)
 
     def warmup(self, batch_sizes: list[int]) -> None:  # noqa: B027 - optional hook
         """Run the model once per batch size so the first requests don't pay for lazy init."""

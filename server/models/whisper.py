@@ -8,6 +8,8 @@ A batch is decoded in three steps: one encoder pass over all windows; one decode
 <|startoftranscript|> for the no-speech probability (cheap, and what Whisper's own silence
 check uses); then `generate` from the encoder output, greedy by default. Windows with
 different decoding options (language, task, beam, prompt...) are decoded as separate groups.
+`run_batch_yielding` does the same, calling back between `generate`'s tokens (the continuous
+engine's fallback runs its own decode steps there).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +45,7 @@ from server.models.device import (
     resolve_device,
 )
 from server.models.runaway import is_looping, trim_loop
+from server.models.whisper_align import N_FRAMES, frames_of, group_words
 from server.models.whisper_tokens import (
     confidence,
     language_in,
@@ -53,7 +57,6 @@ from server.models.whisper_tokens import (
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
-N_FRAMES = 3000  # mel frames in Whisper's 30 s window
 MAX_PROMPT_TOKENS = 223  # Whisper's decoder context is 448; the prompt may use half of it
 MAX_START_TOKENS = 4  # <|startoftranscript|>, language, task, <|notimestamps|>
 
@@ -69,6 +72,18 @@ class _LoopStop(StoppingCriteria):
             self.start = input_ids.shape[1] - 1
         rows = input_ids[:, self.start :].tolist()
         return torch.tensor([is_looping(r) for r in rows], device=input_ids.device)
+
+
+class _Yield(StoppingCriteria):
+    """Never stops `generate`: calls `pause()` after every token (beam step), where the
+    continuous engine runs its own decode steps (see `run_batch_yielding`)."""
+
+    def __init__(self, pause: Callable[[], None]) -> None:
+        self.pause = pause
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> Any:
+        self.pause()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass(frozen=True)
@@ -94,6 +109,7 @@ class WhisperModel(SpeechModel):
         precision = choose_dtype(dtype, self.device, cpu_bf16_support())
         self.dtype = precision.dtype
         self.max_new_tokens = max_new_tokens
+        self._pause: Callable[[], None] | None = None  # set during run_batch_yielding
         self.processor = WhisperProcessor.from_pretrained(checkpoint)
         model = WhisperForConditionalGeneration.from_pretrained(
             checkpoint, dtype=self.dtype, attn_implementation="sdpa"
@@ -161,6 +177,15 @@ class WhisperModel(SpeechModel):
         with device_errors(self.device, f"a generate batch of {len(tasks)}"):
             return self._run_groups(tasks)
 
+    def run_batch_yielding(
+        self, tasks: list[WindowTask], pause: Callable[[], None]
+    ) -> list[WindowResult]:
+        self._pause = pause
+        try:
+            return self.run_batch(tasks)
+        finally:
+            self._pause = None
+
     def _run_groups(self, tasks: list[WindowTask]) -> list[WindowResult]:
         groups: dict[DecodeOptions, list[int]] = defaultdict(list)
         for i, task in enumerate(tasks):
@@ -190,7 +215,7 @@ class WhisperModel(SpeechModel):
         mask = None
         if options.word_timestamps:
             # The real length of each window, so token times align on audio, not on padding.
-            frames = [min(N_FRAMES, int(np.ceil(t.duration_s * 100))) for t in tasks]
+            frames = [frames_of(t.duration_s) for t in tasks]
             lengths = torch.as_tensor(frames, device=self.device).unsqueeze(1)
             mask = (torch.arange(N_FRAMES, device=self.device) < lengths).long()
         decoded = self._generate(encoded, options, len(tasks), mask)
@@ -214,7 +239,9 @@ class WhisperModel(SpeechModel):
             "return_dict_in_generate": True,
             "output_scores": True,
             "max_new_tokens": self.max_new_tokens_for(options),
-            "stopping_criteria": StoppingCriteriaList([_LoopStop()]),
+            "stopping_criteria": StoppingCriteriaList(
+                [_LoopStop(), *([_Yield(self._pause)] if self._pause is not None else [])]
+            ),
         }
         if self.info.multilingual:
             kwargs["task"] = options.task
@@ -287,24 +314,5 @@ class WhisperModel(SpeechModel):
         )
 
     def _words(self, d: _Decoded, duration_s: float) -> tuple[Word, ...]:
-        """Group tokens into words (a word starts at a token that begins with a space); a
-        word spans from its first token's time to the time of the token after its last."""
         assert d.times is not None
-        spans: list[tuple[str, int, int]] = []  # text, first token index, last token index
-        special = set(self.tokenizer.all_special_ids)
-        for i, token in enumerate(d.tokens):
-            if token in special or token >= self._eos:
-                continue
-            piece = self.tokenizer.decode([token])
-            if not spans or piece.startswith(" "):
-                spans.append((piece, i, i))
-            else:
-                text, first, _ = spans[-1]
-                spans[-1] = (text + piece, first, i)
-        words = []
-        for text, first, last in spans:
-            start = min(d.times[first], duration_s)
-            end = min(d.times[min(last + 1, len(d.times) - 1)], duration_s)
-            probs = [np.exp(lp) for lp in d.logprobs[first : last + 1]] or [0.0]
-            words.append(Word(text.strip(), start, max(end, start), float(np.mean(probs))))
-        return tuple(w for w in words if w.word)
+        return group_words(self.tokenizer, self._eos, d.tokens, d.logprobs, d.times, duration_s)

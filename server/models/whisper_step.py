@@ -33,9 +33,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from server.models.base import DecodeOptions, WindowResult
+from server.models.base import DecodeOptions, WindowResult, Word
 from server.models.device import device_errors
 from server.models.runaway import is_looping, trim_loop
+from server.models.whisper_align import frames_of, group_words, token_times
+from server.models.whisper_language import DETECT, detect_languages, with_language
 from server.models.whisper_tokens import (
     confidence,
     language_in,
@@ -235,6 +237,10 @@ class DecodeSequence:
     logprobs: list[float] = field(default_factory=list)
     finished: bool = False
     most_rows: int = 0  # the most sequences it was decoded together with
+    # Word times wanted: the window's audio length, and its encoder output for the alignment
+    # pass when it finishes (server.models.whisper_align).
+    duration_s: float | None = None
+    encoder_hidden: torch.Tensor | None = None
 
 
 class GreedyRuntime:
@@ -287,14 +293,17 @@ class GreedyRuntime:
         decoding here doesn't cover them (the caller falls back to `model.run_batch`)."""
         if options.beam_size > 1 or options.temperature > 0 or not self.plain_greedy:
             return None
-        if options.prompt or options.word_timestamps:
+        if options.prompt:
             return None
+        if options.word_timestamps and not getattr(self.gen, "alignment_heads", None):
+            return None  # generate says why it can't
         tokens = [self.sot]
         if self.multilingual:
-            language = self.lang_to_id.get(f"<|{options.language}|>")
+            # No language: detected when the window joins (DETECT is replaced then).
+            language = self.lang_to_id.get(f"<|{options.language}|>", DETECT)
             task = self.task_to_id.get(options.task)
-            if language is None or task is None:
-                return None  # language detection (or an unknown task): generate does it
+            if task is None or (options.language is not None and language == DETECT):
+                return None  # generate says why it can't
             tokens += [language, task]
         else:
             tokens += self._forced_ids()
@@ -330,10 +339,14 @@ class GreedyRuntime:
         prompts: list[list[int]],
         owners: list[Any],
         drafts: list[list[int]] | None = None,
+        word_times: list[float | None] | None = None,
     ) -> list[DecodeSequence]:
         """Encode windows in one batch, run each prompt followed by its draft tokens (if any)
         in one causal pass per input length, and pick the first tokens; they take the next
         free slots. Some may finish at once (check `finished`). Returned in input order.
+        A prompt holding DETECT gets its language detected first (one batched pass at
+        <|startoftranscript|>). `word_times[i]`: window i's audio length when it wants word
+        times (`results()` aligns them), else None.
 
         A draft is a guess of how the transcript starts (a stream's earlier words). It is
         verified, not forced: the pass gives the model's greedy choice at every draft
@@ -343,7 +356,7 @@ class GreedyRuntime:
         if len(self.active) + len(features) > self.max_active:
             raise ValueError("more sequences than max_active")
         with device_errors(self.device, f"an encoder batch of {len(features)}"):
-            return self._join(features, prompts, owners, drafts)
+            return self._join(features, prompts, owners, drafts, word_times)
 
     def _join(
         self,
@@ -351,17 +364,20 @@ class GreedyRuntime:
         prompts: list[list[int]],
         owners: list[Any],
         drafts: list[list[int]] | None,
+        word_times: list[float | None] | None = None,
     ) -> list[DecodeSequence]:
         drafts = drafts or [[] for _ in prompts]
-        inputs = [p + d for p, d in zip(prompts, drafts, strict=True)]
+        durations = word_times or [None for _ in prompts]
         # Slots in order of input length, so each length is one contiguous prefill.
-        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(drafts[i]))
         batch = torch.from_numpy(np.stack([features[i] for i in order])).to(
             self.device, self.decoder.dtype
         )
         encoded = self.hf.get_encoder()(batch)
         first = len(self.active)
         self.decoder.load_cross(first, encoded.last_hidden_state)
+        prompts = self._detect(first, order, prompts)
+        inputs = [p + d for p, d in zip(prompts, drafts, strict=True)]
         joined: dict[int, DecodeSequence] = {}
         start = 0
         while start < len(order):
@@ -377,8 +393,10 @@ class GreedyRuntime:
                     owners[i], prompt,
                     min(self.max_new_tokens, self.decoder.max_positions - len(prompt)),
                     language_in(prompt, self.lang_by_id) or "" if self.multilingual else "en",
-                    no_speech[row],
+                    no_speech[row], duration_s=durations[i],
                 )  # fmt: skip
+                if seq.duration_s is not None:  # kept for the alignment pass (a copy: 1 row)
+                    seq.encoder_hidden = encoded.last_hidden_state[start + row].clone()
                 decisions.append(self._verify(seq, drafts[i], logits[row, len(prompt) - 1 :]))
                 self.decoder.keep(first + start + row, len(prompt) + len(seq.tokens))
                 seqs.append(seq)
@@ -387,6 +405,21 @@ class GreedyRuntime:
             joined.update(zip(group, seqs, strict=True))
             start += len(group)
         return [joined[i] for i in range(len(inputs))]
+
+    def _detect(self, first: int, order: list[int], prompts: list[list[int]]) -> list[list[int]]:
+        """Prompts (input order) with each DETECT replaced by the language `generate` would
+        detect: one pass at <|startoftranscript|> over the joining slots (first.. in `order`),
+        whose encoder output is loaded; the prompt's own pass rewrites their caches."""
+        if not any(DETECT in p for p in prompts):
+            return prompts
+        sot = torch.full((len(order), 1), self.sot, device=self.device, dtype=torch.long)
+        logits = self.decoder.prefill(first, sot)[:, 0]
+        detected = detect_languages(logits, list(self.lang_by_id))
+        out = list(prompts)
+        for slot, i in enumerate(order):
+            if DETECT in prompts[i]:
+                out[i] = with_language(prompts[i], detected[slot])
+        return out
 
     def _verify(self, seq: DecodeSequence, draft: list[int], logits: torch.Tensor) -> torch.Tensor:
         """Keep the draft tokens greedy decoding agrees with (into seq.tokens); return the
@@ -447,16 +480,49 @@ class GreedyRuntime:
     def clear(self) -> None:
         self.active = []
 
-    def result(self, seq: DecodeSequence) -> WindowResult:
+    def results(self, seqs: Sequence[DecodeSequence]) -> list[WindowResult]:
+        """The results of finished sequences, in order; those that want word times get them
+        from one batched alignment pass (server.models.whisper_align)."""
+        timed = [s for s in seqs if s.duration_s is not None and s.encoder_hidden is not None]
+        times: dict[int, list[float]] = {}
+        if timed:
+            with device_errors(self.device, f"a word-time pass of {len(timed)}"):
+                rows = token_times(
+                    self.hf,
+                    torch.stack([s.encoder_hidden for s in timed]),  # type: ignore[misc]
+                    [s.prompt + s.tokens[: self._fed(s)] for s in timed],
+                    [len(s.prompt) for s in timed],
+                    [frames_of(s.duration_s or 0.0) for s in timed],
+                )
+            times = {id(s): t for s, t in zip(timed, rows, strict=True)}
+        return [self.result(s, times.get(id(s))) for s in seqs]
+
+    def _fed(self, seq: DecodeSequence) -> int:
+        """How many of its tokens the decoder was fed: all of them when end-of-text came
+        next, else all but the last (the one that hit the limit or closed a loop)."""
+        ended_by_limit = len(seq.tokens) >= seq.max_new_tokens or is_looping(seq.tokens)
+        return len(seq.tokens) - 1 if ended_by_limit and seq.tokens else len(seq.tokens)
+
+    def result(self, seq: DecodeSequence, times: list[float] | None = None) -> WindowResult:
+        """`times`: the token times of its untrimmed tokens (and one after), for words."""
+        seq.encoder_hidden = None
         seq.tokens = trim_loop(seq.tokens)
         seq.logprobs = seq.logprobs[: len(seq.tokens)]
         text = self.model.tokenizer.decode(seq.tokens, skip_special_tokens=True).strip()
+        words: tuple[Word, ...] = ()
+        if times is not None and seq.duration_s is not None:
+            times = times[: len(seq.tokens) + 1]
+            tokenizer = self.model.tokenizer
+            words = group_words(
+                tokenizer, self.eos, seq.tokens, seq.logprobs, times, seq.duration_s
+            )
         return WindowResult(
             text,
             seq.language,
             confidence(seq.logprobs),
             float(seq.no_speech_prob),
-            tokens=tuple(seq.tokens),
+            words,
+            tuple(seq.tokens),
         )
 
     def _choose(self, seqs: list[DecodeSequence], scores: torch.Tensor) -> None:

@@ -177,8 +177,9 @@ def test_prompts_follow_the_generation_config() -> None:
     assert multi.prompt(DecodeOptions(language="fr", task="translate")) == [
         SOT, FR, TRANSLATE, NO_TIMESTAMPS,
     ]  # fmt: skip
+    # no language: detected when the window joins (tests/unit/test_shared_decode.py)
+    assert multi.prompt(DecodeOptions(language=None)) == [SOT, -1, TRANSCRIBE, NO_TIMESTAMPS]
     for unsupported in (
-        DecodeOptions(language=None),  # language detection
         DecodeOptions(language="en", beam_size=2),
         DecodeOptions(language="en", temperature=0.4),
         DecodeOptions(language="en", prompt="hello"),
@@ -430,7 +431,7 @@ async def test_options_it_does_not_cover_go_through_run_batch(worker) -> None:
         engine.submit_many([
             task(feats[0], greedy),
             task(feats[1], DecodeOptions(language="fr", beam_size=3)),
-            task(feats[2], DecodeOptions(language=None)),  # language detection
+            task(feats[2], DecodeOptions(language="fr", prompt="hello")),
         ]),
         30,
     )  # fmt: skip
@@ -534,7 +535,7 @@ async def test_the_timing_split_adds_up_and_charges_others_encoder_passes_as_hel
         time.sleep(0.05)  # the cost of an encoder pass, made big enough to measure
         return join(*args)
 
-    engine.runtime.join = slow_join  # type: ignore[method-assign]
+    engine.runtime.join = slow_join  # type: ignore[method-assign,assignment]
     started = time.monotonic()
     first = asyncio.ensure_future(engine.submit_many([task(f) for f in feats[:2]]))
     assert await asyncio.to_thread(steps.entered.wait, 10)  # two sequences are decoding
