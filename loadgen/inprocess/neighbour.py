@@ -1,9 +1,9 @@
 """What one client's options cost its neighbours: a real gRPC server in this process (loopback),
 one "heavy" client, and a neighbour whose latency is compared with its idle latency.
 
-    .venv/bin/python -m loadgen.neighbour_bench fallback   # beam_size 5 on back-to-back 60 s
-    .venv/bin/python -m loadgen.neighbour_bench words      # a stream with word time offsets
-    .venv/bin/python -m loadgen.neighbour_bench detect --model base   # detection vs 'en'
+    python -m loadgen neighbour fallback   # beam_size 5 on back-to-back 60 s
+    python -m loadgen neighbour words      # a stream with word time offsets
+    python -m loadgen neighbour detect --model base --dataset DIR/test-other  # detection vs 'en'
 
 `fallback` and `words`: the neighbour sends the JFK clip one request after the other, first
 alone (idle), then beside the heavy client; prints p50/max and the ratio to idle (target: the
@@ -27,10 +27,11 @@ import numpy as np
 import soundfile as sf
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
+from loadgen.dataset import DEFAULT_DATASET, SAMPLES, local_entries, resolve_root
 from server.config import Settings
 from server.embedded import EmbeddedServer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+JFK = SAMPLES / "jfk.flac"
 
 
 def _flac(samples: np.ndarray) -> bytes:
@@ -41,19 +42,22 @@ def _flac(samples: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _test_other(data: Path, n: int) -> list[Path]:
-    return sorted((data / "LibriSpeech" / "test-other").rglob("*.flac"))[:n]
+def _test_other(dataset: str, n: int) -> list[Path]:
+    """The first n utterances of the data set (LibriSpeech layout or a folder), by id."""
+    entries, _ = local_entries(resolve_root(dataset))
+    return [e.path for e in entries[:n]]
 
 
-def _speech(data: Path, seconds: float) -> np.ndarray:
-    """test-other utterances back to back, cut at `seconds`."""
-    parts, total = [], 0
-    for path in _test_other(data, 400):
-        samples, _ = sf.read(path, dtype="float32")
-        parts.append(samples)
-        total += len(samples)
-        if total >= seconds * 16_000:
-            break
+def _speech(dataset: str, seconds: float) -> np.ndarray:
+    """The data set's utterances back to back (repeated if short), cut at `seconds`."""
+    paths, parts, total = _test_other(dataset, 400), [], 0
+    while total < seconds * 16_000:
+        for path in paths:
+            samples, _ = sf.read(path, dtype="float32")
+            parts.append(samples)
+            total += len(samples)
+            if total >= seconds * 16_000:
+                break
     return np.concatenate(parts)[: int(seconds * 16_000)]
 
 
@@ -155,7 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("scenario", choices=["fallback", "words", "detect"])
     parser.add_argument("--model", default="tiny.en")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument(
+        "--dataset", default=DEFAULT_DATASET, help="the heavy client's speech (detect: its files)"
+    )
     parser.add_argument("--requests", type=int, default=8, help="neighbour requests per phase")
     parser.add_argument("--files", type=int, default=16, help="detect: test-other files")
     parser.add_argument("--rounds", type=int, default=2, help="detect: blocks of each")
@@ -174,16 +180,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = EmbeddedServer(settings, load_model(settings)).start()
     try:
         if args.scenario == "detect":
-            files = [p.read_bytes() for p in _test_other(args.data, args.files)]
+            files = [p.read_bytes() for p in _test_other(args.dataset, args.files)]
             _detect(server, files, args.rounds)
             return 0
-        jfk = (args.data / "jfk" / "jfk.flac").read_bytes()
+        jfk = JFK.read_bytes()
         _neighbour(server.stub(), jfk, 2)  # warm
         idle = _summary("idle", _neighbour(server.stub(), jfk, args.requests))
         if args.scenario == "fallback":
-            heavy = _fallback_client(_flac(_speech(args.data, 60)), args.beam_size)
+            heavy = _fallback_client(_flac(_speech(args.dataset, 60)), args.beam_size)
         else:
-            heavy = _stream_client(_speech(args.data, 180), args.speed)
+            heavy = _stream_client(_speech(args.dataset, 180), args.speed)
         _summary(args.scenario, _beside(server, jfk, args.requests, heavy), idle)
     finally:
         server.stop()
