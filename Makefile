@@ -11,7 +11,7 @@ MODEL ?= tiny.en
 HOST ?= 127.0.0.1
 
 .PHONY: install model serve test lint typecheck buf pytest protos bench bench-engines freeze clean images loadtest \
-	gpu-pack gpu-check bench-precision fuzz-long soak study
+	bench-precision fuzz-long soak study
 
 TORCH_VERSION := 2.13.0
 # PyTorch's own index of CPU wheels: torch from the default package index is the CUDA build
@@ -109,15 +109,6 @@ loadtest: model
 bench-precision: model
 	$(PY) scripts/bench_precision.py --dataset $(BENCH_DATASET)
 
-# Everything the first-GPU check needs in under 60 MB (int8 tiny.en, 40 LibriSpeech files,
-# Python 3.12 wheels) into .gpu-pack/; on the GPU machine: bash scripts/gpu_check.sh.
-gpu-pack: model
-	$(PY) scripts/gpu_pack.py pack --dataset $(BENCH_DATASET)
-
-# The check itself (on a machine without CUDA it writes a "skipped" JSON and exits 0).
-gpu-check: gpu-pack
-	PYTHON=$(PY) bash scripts/gpu_check.sh .gpu-pack gpu_check.json
-
 freeze: install
 	$(PY) -m pip freeze --all --exclude-editable | grep -v -E '^(pip|openai-whisper)==' > /tmp/whisper-grpc-freeze.txt
 	@echo "review /tmp/whisper-grpc-freeze.txt and merge it into constraints.txt"
@@ -147,3 +138,49 @@ fuzz-long: install
 SOAK_MINUTES ?= 30
 soak: model
 	$(PY) scripts/soak.py --dataset $(BENCH_DATASET)/test-clean --model $(MODEL) --minutes $(SOAK_MINUTES)
+
+# -- the first-GPU check (loadgen/gpu; README "On a GPU machine") ----------------------------
+.PHONY: gpu-pack gpu-check gpu-rehearsal
+GPU_PACK ?= .gpu-pack
+GPU_OUT ?= runs/gpu-check
+GPU_CHECK_ARGS ?=
+# What travels to the GPU machine besides the tree (<= 60 MiB with it): int8 tiny.en, 40
+# LibriSpeech files, the CPU's reference transcripts, the wheels the machine lacks (derived
+# from the code; the pack refuses to build without one of them or without its pin).
+gpu-pack: model
+	$(PY) -m loadgen.gpu.pack --out $(GPU_PACK) --dataset $(BENCH_DATASET)
+
+# The check here (on a machine without CUDA it writes a "skipped" JSON and exits 0).
+gpu-check: gpu-pack
+	$(PY) -m loadgen.gpu.check --pack $(GPU_PACK) --out $(GPU_OUT)/gpu_check.json $(GPU_CHECK_ARGS)
+
+# The check as the GPU machine would run it, on this CPU: a Python 3.12 environment with that
+# machine's torch 2.11.0 / transformers 5.17.0 and what else of its package list the check uses
+# (older grpcio and protobuf than ours, so the pack's wheels must win), no network (a network
+# namespace), --device cpu, a short budget. Downloads several GB once; not part of `make test`.
+REHEARSAL_DIR ?= $(HOME)/.cache/whisper-grpc/gpu-rehearsal
+REHEARSAL_PYTHON ?= $(shell command -v python3.12 || echo $(HOME)/.pyenv/versions/3.12.1/bin/python3.12)
+REHEARSAL_PY := $(REHEARSAL_DIR)/venv/bin/python
+REHEARSAL_ARGS ?= --device cpu --budget-s 900 --level-s 3 --levels 1,8 --files 8 \
+	--dtypes bfloat16 --compile off,on --probes large-v3-turbo
+$(REHEARSAL_DIR)/.installed:
+	test -x $(REHEARSAL_PY) || $(REHEARSAL_PYTHON) -m venv $(REHEARSAL_DIR)/venv
+	if $(REHEARSAL_PY) -c 'import sys, urllib.request; \
+	    urllib.request.urlopen(sys.argv[1], timeout=3)' "$(TORCH_INDEX)" 2>/dev/null; then \
+	  $(REHEARSAL_PY) -m pip install -q --index-url "$(TORCH_INDEX)" torch==2.11.0; \
+	else \
+	  $(REHEARSAL_PY) -m pip install -q torch==2.11.0; \
+	fi
+	$(REHEARSAL_PY) -m pip install -q transformers==5.17.0 pytest pytest-timeout psutil \
+	  nvidia-ml-py packaging 'protobuf<6' 'grpcio<1.80'
+	touch $@
+
+gpu-rehearsal: $(REHEARSAL_DIR)/.installed gpu-pack
+	@mkdir -p $(GPU_OUT)-rehearsal
+	@if [ "$$(id -u)" = 0 ]; then netns="unshare -n"; else netns="unshare -rn"; fi; \
+	$$netns env -u PYTHONPATH $(REHEARSAL_PY) -m loadgen.gpu.check --pack $(GPU_PACK) \
+	  --out $(GPU_OUT)-rehearsal/gpu_check.json $(REHEARSAL_ARGS); rc=$$?; \
+	$(PY) -c 'import json, sys; d = json.load(open(sys.argv[1])); \
+	  print("status:", d["status"], "| wall_s:", d["wall_s"]); \
+	  [print("FAILED:", f) for f in d["failures"]]' $(GPU_OUT)-rehearsal/gpu_check.json; \
+	exit $$rc

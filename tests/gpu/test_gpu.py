@@ -1,8 +1,8 @@
 """On a CUDA device: both engines, fp16 and bf16, joins and leaves, drafts, fallbacks and word
 times with real tiny.en weights on real speech (skipped without CUDA; run by
-`scripts/gpu_check.sh`). The checkpoint is WHISPER_GRPC_TEST_CHECKPOINT (the GPU check's
+`python -m loadgen.gpu.check`). The checkpoint is WHISPER_GRPC_TEST_CHECKPOINT (the GPU check's
 dequantized tiny.en) or tiny.en provisioned as usual; the audio is WHISPER_GRPC_TEST_AUDIO (a
-folder of FLAC files with a transcripts.txt) or ../shared's test-other split."""
+folder of FLAC files with their *.trans.txt) or ../shared's test-other split."""
 
 from __future__ import annotations
 
@@ -35,8 +35,11 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def clips() -> list[tuple[np.ndarray, str]]:
     folder = os.environ.get("WHISPER_GRPC_TEST_AUDIO")
-    if folder:
-        lines = (Path(folder) / "transcripts.txt").read_text().splitlines()
+    if folder:  # the GPU pack's audio: LibriSpeech's layout, one folder
+        lines = [
+            line for trans in sorted(Path(folder).glob("*.trans.txt"))
+            for line in trans.read_text().splitlines()
+        ]  # fmt: skip
         paths = [Path(folder) / f"{line.split()[0]}.flac" for line in lines]
         texts = [line.partition(" ")[2] for line in lines]
     else:
