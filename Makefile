@@ -161,8 +161,8 @@ gpu-check: gpu-pack
 REHEARSAL_DIR ?= $(HOME)/.cache/whisper-grpc/gpu-rehearsal
 REHEARSAL_PYTHON ?= $(shell command -v python3.12 || echo $(HOME)/.pyenv/versions/3.12.1/bin/python3.12)
 REHEARSAL_PY := $(REHEARSAL_DIR)/venv/bin/python
-REHEARSAL_ARGS ?= --device cpu --budget-s 900 --level-s 3 --levels 1,8 --files 8 \
-	--dtypes bfloat16 --compile off,on --probes large-v3-turbo
+REHEARSAL_ARGS ?= --device cpu --budget-s 1800 --tests-share 0.5 --level-s 3 --levels 1,8 \
+	--files 8 --dtypes float32 --compile off,on --probes large-v3-turbo
 $(REHEARSAL_DIR)/.installed:
 	test -x $(REHEARSAL_PY) || $(REHEARSAL_PYTHON) -m venv $(REHEARSAL_DIR)/venv
 	if $(REHEARSAL_PY) -c 'import sys, urllib.request; \

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import tempfile
 import time
 import traceback
@@ -27,6 +28,7 @@ class Check:
         self.deadline = results.started + args.budget_s
         self.references: dict[str, str] = {}
         self.reference_cpu: dict[str, str] = {}
+        self.level_s = args.level_s
 
     def left_s(self) -> float:
         return self.deadline - time.monotonic()
@@ -75,7 +77,7 @@ class Check:
         self.part("sweep", 0, self.sweep)
         for name in args.probes:
             self.part(f"probe_{name}", NEEDS_S["probe"], functools.partial(self.probe, name))
-        self.part("sizing", 0, self.sizing)
+        self.part("sizing", -math.inf, self.sizing)  # arithmetic: always
         return results.finish()
 
     # -- parts --------------------------------------------------------------------------
@@ -119,7 +121,8 @@ class Check:
         from server.models.whisper import WhisperModel
 
         model = WhisperModel(str(self.checkpoint), "tiny.en (int8 pack)", self.args.device, dtype)
-        self.results.set(f"engine_{dtype}", {"model": "tiny.en (pack)", **probe(model.model)})
+        row = probe(model.model, **self.probe_size())
+        self.results.set(f"engine_{dtype}", {"model": "tiny.en (pack)", **row})
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -127,7 +130,13 @@ class Check:
     def leaderboard(self) -> None:
         from loadgen.gpu.inproc import leaderboard
 
-        row = leaderboard(str(self.checkpoint), self.items, self.args.device)
+        cpu = self.args.device == "cpu"
+        row = leaderboard(
+            str(self.checkpoint),
+            self.items,
+            self.args.device,
+            min_files=len(self.items) if cpu else 128,
+        )
         row.update(self.quality(row.pop("texts")))
         self.results.set("leaderboard", row)
 
@@ -161,6 +170,11 @@ class Check:
                     results.add_row("sweep", {"config": server.config.name, "error": server.error})
                     results.fail(f"sweep: {server.config.name} did not start")
             live = [s for s in servers if not s.error]
+            reserve = NEEDS_S["probe"] * len(args.probes) + 10
+            self.level_s = sweep.level_seconds(
+                args.level_s, self.left_s() - reserve, len(live) * len(args.levels)
+            )
+            results.doc["sweep"]["level_s_used"] = round(self.level_s, 1)
             texts: dict[str, dict[str, str]] = {s.config.name: {} for s in live}
             for i, concurrency in enumerate(args.levels):
                 for server in sweep.rotate(live, i):
@@ -178,7 +192,7 @@ class Check:
         from loadgen.gpu import sweep
 
         name = server.config.name
-        if self.left_s() < self.args.level_s + 5:
+        if self.left_s() < self.level_s + 5:
             return {"config": name, "concurrency": concurrency, "skipped": "out of time"}
         if server.process.poll() is not None:
             self.results.fail(f"sweep: {name} server exited ({server.process.returncode})")
@@ -189,9 +203,7 @@ class Check:
             }
         try:
             with sweep.Sampler(server.process.pid, self.args.device.startswith("cuda")) as s:
-                level = sweep.closed_loop(
-                    server.channel, self.items, concurrency, self.args.level_s
-                )
+                level = sweep.closed_loop(server.channel, self.items, concurrency, self.level_s)
         except Exception as e:
             self.results.fail(f"sweep: {name} at {concurrency}: {type(e).__name__}: {e}")
             return {"config": name, "concurrency": concurrency, "error": f"{type(e).__name__}: {e}"}
@@ -202,6 +214,12 @@ class Check:
             self.results.fail(f"sweep: {name} at {concurrency}: {dict(level.codes)}")
         return row
 
+    def probe_size(self) -> dict[str, Any]:
+        """On a CPU dry run, a token amount of work: the code path is what is being tried."""
+        if self.args.device == "cpu":
+            return {"actives": (1, 8), "steps": 2, "windows": 1}
+        return {}
+
     def probe(self, name: str) -> None:
         import torch
 
@@ -211,11 +229,7 @@ class Check:
         dtype = "bfloat16" if self.args.device == "cpu" else "float16"
         model = random_model(sizing.CONFIGS[name], self.args.device, dtype)
         try:
-            row = probe(
-                model,
-                steps=4 if self.args.device == "cpu" else 16,
-                windows=1 if self.args.device == "cpu" else 8,
-            )
+            row = probe(model, **self.probe_size())
         finally:
             del model
             if torch.cuda.is_available():

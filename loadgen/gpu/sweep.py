@@ -311,6 +311,15 @@ def level_row(config: Config, concurrency: int, level: Level) -> dict[str, Any]:
     }
 
 
+def level_seconds(wanted_s: float, available_s: float, levels: int, floor_s: float = 4.0) -> float:
+    """Load time per level so that `levels` levels (each ~2 s more: requests in flight finish,
+    samplers stop) fit in `available_s`; never under `floor_s` (the later levels are then
+    skipped as out of time, and say so)."""
+    if levels <= 0:
+        return wanted_s
+    return max(floor_s, min(wanted_s, available_s / levels - 2.0))
+
+
 def rotate(configs: list[Any], by: int) -> list[Any]:
     """The order for one level: each level starts with the next configuration."""
     by %= max(1, len(configs))

@@ -27,7 +27,7 @@ def test_every_row_is_on_disk_as_soon_as_it_is_added(tmp_path: Path) -> None:
 
 
 def test_a_part_that_raises_is_recorded_and_the_next_one_runs(tmp_path: Path) -> None:
-    args = argparse.Namespace(budget_s=100.0)
+    args = argparse.Namespace(budget_s=100.0, level_s=10.0)
     check = Check(args, Results(tmp_path / "r.json"), site=None)
 
     def boom() -> None:
@@ -79,6 +79,12 @@ def test_configurations_are_every_combination_and_interleaved(monkeypatch) -> No
     monkeypatch.setattr(sweep, "server_flags", lambda: "--engine ...")
     configs, note = sweep.configurations(["continuous"], ["bfloat16"], ["off", "on"])
     assert [c.compile for c in configs] == [None] and "no --compile" in str(note)
+
+
+def test_levels_shrink_to_fit_the_time_left_but_not_below_a_floor() -> None:
+    assert sweep.level_seconds(10, 1000, 16) == 10
+    assert sweep.level_seconds(10, 160, 16) == 8  # 16 levels of 8 s + 2 s each
+    assert sweep.level_seconds(10, 20, 16) == 4
 
 
 def test_large_v3_slot_caches_at_64_active_take_19_gib_in_fp16() -> None:
