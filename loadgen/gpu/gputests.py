@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +46,23 @@ def parse(lines: list[tuple[float, str]]) -> dict[str, Any]:
     }
 
 
-def run_tests(checkpoint: Path, audio: Path, device: str, timeout_s: float) -> dict[str, Any]:
+def run_tests(
+    checkpoint: Path,
+    audio: Path,
+    device: str,
+    timeout_s: float,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    command: list[str] | None = None,
+) -> dict[str, Any]:
+    """pytest over tests/gpu; `progress` gets the report so far each time a test finishes (so
+    the results on disk hold it even if the whole check is killed)."""
     env = {
         **os.environ,
         "WHISPER_GRPC_TEST_CHECKPOINT": str(checkpoint),
         "WHISPER_GRPC_TEST_AUDIO": str(audio),
         "WHISPER_GRPC_TEST_DEVICE": device,
     }
-    command = [
+    command = command or [
         sys.executable,
         "-m",
         "pytest",
@@ -77,6 +87,8 @@ def run_tests(checkpoint: Path, audio: Path, device: str, timeout_s: float) -> d
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append((time.monotonic() - started, line.rstrip("\n")))
+            if progress and _OUTCOME.match(line):
+                progress({**parse(lines), "running": True})
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()

@@ -107,7 +107,11 @@ class Check:
 
         limit = min(self.args.budget_s * self.args.tests_share, self.left_s() - 30)
         report = gputests.run_tests(
-            self.checkpoint, self.args.pack / "audio", self.args.device, limit
+            self.checkpoint,
+            self.args.pack / "audio",
+            self.args.device,
+            limit,
+            progress=lambda so_far: self.results.set("tests", so_far),
         )
         self.results.set("tests", report)
         why = gputests.failure(report)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,24 @@ def test_a_test_run_cut_off_keeps_what_finished_and_fails() -> None:
     assert "ran past 60 s (2 finished)" in str(gputests.failure(report))
     report.update(timed_out=False)
     assert "no summary" in str(gputests.failure(report))
+
+
+def test_a_test_run_killed_at_its_limit_reports_what_finished(tmp_path: Path) -> None:
+    fake = tmp_path / "fake_pytest.py"
+    fake.write_text(
+        "import sys, time\n"
+        + "".join(f"print({line!r}, flush=True)\n" for _, line in LINES)
+        + "time.sleep(120)\n"  # a test that hangs: the limit must end it
+    )
+    seen: list[int] = []
+    report = gputests.run_tests(
+        tmp_path, tmp_path, "cpu", timeout_s=3.0,
+        progress=lambda so_far: seen.append(len(so_far["cases"])),
+        command=[sys.executable, str(fake)],
+    )  # fmt: skip
+    assert report["timed_out"] and [c["outcome"] for c in report["cases"]] == ["passed", "failed"]
+    assert seen == [1, 2]
+    assert "ran past 3 s (2 finished)" in str(gputests.failure(report))
 
 
 def test_a_finished_test_run_passes_only_without_failures() -> None:
