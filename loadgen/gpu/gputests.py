@@ -51,6 +51,8 @@ def run_tests(
     audio: Path,
     device: str,
     timeout_s: float,
+    dtypes: list[str] | None = None,
+    clips: int = 0,
     progress: Callable[[dict[str, Any]], None] | None = None,
     command: list[str] | None = None,
 ) -> dict[str, Any]:
@@ -62,6 +64,10 @@ def run_tests(
         "WHISPER_GRPC_TEST_AUDIO": str(audio),
         "WHISPER_GRPC_TEST_DEVICE": device,
     }
+    if dtypes:
+        env["WHISPER_GRPC_TEST_DTYPES"] = ",".join(dtypes)
+    if clips:
+        env["WHISPER_GRPC_TEST_CLIPS"] = str(clips)
     command = command or [
         sys.executable,
         "-m",

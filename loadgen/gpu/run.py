@@ -111,6 +111,8 @@ class Check:
             self.args.pack / "audio",
             self.args.device,
             limit,
+            dtypes=self.args.dtypes,
+            clips=self.args.files,
             progress=lambda so_far: self.results.set("tests", so_far),
         )
         self.results.set("tests", report)

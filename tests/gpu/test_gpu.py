@@ -28,7 +28,9 @@ pytestmark = [
         DEVICE.startswith("cuda") and not torch.cuda.is_available(), reason="needs a CUDA device"
     ),
 ]
-DTYPES = ["float16", "bfloat16"]
+# The GPU check passes its --dtypes and --files on (a CPU dry run: float32, a few clips).
+DTYPES = os.environ.get("WHISPER_GRPC_TEST_DTYPES", "float16,bfloat16").split(",")
+CLIPS = int(os.environ.get("WHISPER_GRPC_TEST_CLIPS", "24"))
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -48,7 +50,7 @@ def clips() -> list[tuple[np.ndarray, str]]:
         require_data()
         items = librispeech_items("test-other")
         paths, texts = [p for _, p, _ in items], [t for _, _, t in items]
-    return [(sf.read(p, dtype="float32")[0], t) for p, t in zip(paths[:24], texts, strict=False)]
+    return [(sf.read(p, dtype="float32")[0], t) for p, t in zip(paths[:CLIPS], texts, strict=False)]
 
 
 @pytest.fixture(scope="module")
@@ -145,13 +147,13 @@ def test_both_engines_through_grpc_on_the_gpu(checkpoint, clips, engine) -> None
     from server.embedded import EmbeddedServer
     from tests.conftest import wav_bytes
 
-    model = model_in(checkpoint, "float16")
+    model = model_in(checkpoint, DTYPES[0])
     server = EmbeddedServer(Settings(engine=engine, max_batch_size=8, warmup=False), model)
     server.start()
     try:
         stub = server.stub()
         info = stub.GetServerInfo(asr_pb2.GetServerInfoRequest())
-        assert info.device.startswith(DEVICE) and info.dtype == "float16"
+        assert info.device.startswith(DEVICE) and info.dtype == DTYPES[0]
 
         def call(samples: np.ndarray) -> str:
             audio = asr_pb2.RecognitionAudio(content=wav_bytes(samples, 16_000))
@@ -164,4 +166,4 @@ def test_both_engines_through_grpc_on_the_gpu(checkpoint, clips, engine) -> None
         server.stop()
     reference = [r.text for r in model.run_batch(tasks(model, clips[:16]))]
     same = sum(a == b for a, b in zip(texts, reference, strict=True))
-    assert same >= 13, list(zip(texts, reference, strict=True))
+    assert same >= 0.8 * len(texts), list(zip(texts, reference, strict=True))
