@@ -157,12 +157,15 @@ gpu-check: gpu-pack
 # The check as the GPU machine would run it, on this CPU: a Python 3.12 environment with that
 # machine's torch 2.11.0 / transformers 5.17.0 and what else of its package list the check uses
 # (older grpcio and protobuf than ours, so the pack's wheels must win), no network (a network
-# namespace), --device cpu, a short budget. Downloads several GB once; not part of `make test`.
+# namespace), --device cpu, a short budget, float32 (this CPU's fast path; the dtype code paths are
+# the GPU tests' and the unit tests'), a random-weight `base` as the probe (large-v3's encoder would
+# take minutes a window here). Downloads several GB once; not part of `make test`.
 REHEARSAL_DIR ?= $(HOME)/.cache/whisper-grpc/gpu-rehearsal
 REHEARSAL_PYTHON ?= $(shell command -v python3.12 || echo $(HOME)/.pyenv/versions/3.12.1/bin/python3.12)
 REHEARSAL_PY := $(REHEARSAL_DIR)/venv/bin/python
 REHEARSAL_ARGS ?= --device cpu --budget-s 1800 --tests-share 0.5 --level-s 3 --levels 1,8 \
-	--files 8 --dtypes float32 --compile off,on --probes large-v3-turbo
+	--files 8 --dtypes float32 --compile off,on --probes base --probe-dtype float32 \
+	--leaderboard-dtype float32
 $(REHEARSAL_DIR)/.installed:
 	test -x $(REHEARSAL_PY) || $(REHEARSAL_PYTHON) -m venv $(REHEARSAL_DIR)/venv
 	if $(REHEARSAL_PY) -c 'import sys, urllib.request; \

@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="values of the server's --compile (skipped if it has none)",
     )
     p.add_argument("--probes", type=csv(str), default=["large-v3-turbo", "large-v3"])
+    p.add_argument("--probe-dtype", default="float16", help="of the random-weight probes")
+    p.add_argument("--leaderboard-dtype", default="bfloat16", help="the leaderboard's: bf16")
     p.add_argument("--files", type=int, default=0, help="use only the first N files (0: all)")
     p.add_argument("--tests-share", type=float, default=0.3, help="of the budget, at most")
     p.add_argument("--skip-tests", action="store_true")

@@ -141,6 +141,7 @@ class Check:
             str(self.checkpoint),
             self.items,
             self.args.device,
+            dtype=self.args.leaderboard_dtype,
             min_files=len(self.items) if cpu else 128,
         )
         row.update(self.quality(row.pop("texts")))
@@ -232,7 +233,7 @@ class Check:
         from loadgen.gpu import sizing
         from loadgen.gpu.inproc import probe, random_model
 
-        dtype = "bfloat16" if self.args.device == "cpu" else "float16"
+        dtype = self.args.probe_dtype
         model = random_model(sizing.CONFIGS[name], self.args.device, dtype)
         try:
             row = probe(model, **self.probe_size())
