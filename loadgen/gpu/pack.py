@@ -26,8 +26,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from loadgen.gpu.needs import Needs
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,12 +155,12 @@ def wheel_requirements(wheels: tuple[str, ...] = WHEELS) -> list[str]:
     return [f"{w}=={pinned[w]}" for w in wheels]
 
 
-def check_complete(wheels: tuple[str, ...] = WHEELS) -> None:
+def check_complete(wheels: tuple[str, ...] = WHEELS, needs: Needs | None = None) -> None:
     """Raise if the code imports (or a carried wheel requires) a distribution the GPU machine
     lacks and `wheels` doesn't carry."""
     from loadgen.gpu.needs import derive
 
-    needs = derive(carried=CARRIED_ANYWAY)
+    needs = needs or derive(carried=CARRIED_ANYWAY)
     problems = [f"{m} (imported by {', '.join(f)}): no installed distribution provides it"
                 for m, f in needs.unresolved.items()]  # fmt: skip
     problems += [f"{d}: {needs.why(d)}" for d in sorted(needs.must_travel - set(wheels))]

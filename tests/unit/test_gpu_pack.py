@@ -72,12 +72,12 @@ def test_the_pack_carries_everything_the_code_imports_that_the_machine_lacks(der
     assert "googleapis-common-protos" in derived.must_travel
     missing = {d: derived.why(d) for d in derived.must_travel - set(pack.WHEELS)}
     assert not missing, f"add to loadgen.gpu.pack.WHEELS: {missing}"
-    pack.check_complete(pack.WHEELS)
+    pack.check_complete(pack.WHEELS, derived)
 
 
 def test_the_old_wheel_list_is_refused(derived) -> None:
     with pytest.raises(pack.PackError, match="googleapis-common-protos: imported as google"):
-        pack.check_complete(WHEELS_BEFORE)
+        pack.check_complete(WHEELS_BEFORE, derived)
 
 
 def test_imports_are_read_from_the_code_with_optional_ones_left_out(tmp_path: Path) -> None:
