@@ -140,7 +140,7 @@ soak: model
 	$(PY) scripts/soak.py --dataset $(BENCH_DATASET)/test-clean --model $(MODEL) --minutes $(SOAK_MINUTES)
 
 # -- the first-GPU check (loadgen/gpu; README "On a GPU machine") ----------------------------
-.PHONY: gpu-pack gpu-check gpu-rehearsal
+.PHONY: gpu-pack gpu-check gpu-rehearsal gpu-rehearsal-env
 GPU_PACK ?= .gpu-pack
 GPU_OUT ?= runs/gpu-check
 GPU_CHECK_ARGS ?=
@@ -174,11 +174,15 @@ $(REHEARSAL_DIR)/.installed:
 	else \
 	  $(REHEARSAL_PY) -m pip install -q torch==2.11.0; \
 	fi
-	$(REHEARSAL_PY) -m pip install -q transformers==5.17.0 pytest pytest-timeout psutil \
-	  nvidia-ml-py packaging 'protobuf<6' 'grpcio<1.80'
 	touch $@
 
-gpu-rehearsal: $(REHEARSAL_DIR)/.installed gpu-pack
+# Of the machine's list, what the code imports (loadgen.gpu.needs derives it; any version will
+# do), pytest-timeout (pyproject's `timeout`), and grpcio/protobuf older than ours.
+gpu-rehearsal-env: $(REHEARSAL_DIR)/.installed
+	$(REHEARSAL_PY) -m pip install -q transformers==5.17.0 pytest-timeout 'protobuf<6' 'grpcio<1.80' \
+	  $$($(PY) -m loadgen.gpu.needs torch,transformers,grpcio,protobuf)
+
+gpu-rehearsal: gpu-rehearsal-env gpu-pack
 	@mkdir -p $(GPU_OUT)-rehearsal
 	@if [ "$$(id -u)" = 0 ]; then netns="unshare -n"; else netns="unshare -rn"; fi; \
 	$$netns env -u PYTHONPATH $(REHEARSAL_PY) -m loadgen.gpu.check --pack $(GPU_PACK) \

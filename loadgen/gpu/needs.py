@@ -192,3 +192,17 @@ def derive(
                 needs.required_by.setdefault(name, f"{dist} ({name}{specifier})")
                 todo.append(name)
     return needs
+
+
+def on_machine(skip: Iterable[str] = ()) -> list[str]:
+    """The distributions the code imports that the GPU machine provides itself (a rehearsal
+    environment installs these, at any version, besides the machine's torch and transformers)."""
+    machine = machine_packages()
+    skipped = {canonical(s) for s in skip}
+    found = derive(machine=machine).imported
+    return sorted(d for d in found if d in machine and d not in skipped)
+
+
+if __name__ == "__main__":
+    # python -m loadgen.gpu.needs [SKIP,...]: what the rehearsal installs of the machine's list
+    print(" ".join(on_machine(sys.argv[1].split(",") if len(sys.argv) > 1 else ())))
