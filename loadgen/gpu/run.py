@@ -169,7 +169,9 @@ class Check:
                 "rows": [],
             },
         )
-        servers = [sweep.start(c, self.checkpoint, args.device, max(args.levels)) for c in configs]
+        # batches and slots up to the highest level (64 on the GPU; warm-up runs that batch)
+        most = min(64, max(args.levels))
+        servers = [sweep.start(c, self.checkpoint, args.device, most) for c in configs]
         try:
             for server in servers:
                 sweep.wait_serving(server)

@@ -96,7 +96,8 @@ class Server:
                 self.process.wait()
 
 
-def start(config: Config, checkpoint: Path, device: str, max_active: int) -> Server:
+def start(config: Config, checkpoint: Path, device: str, most: int) -> Server:
+    """A server for `config`, batches and slots of up to `most` windows."""
     port = _free_port()
     log = Path(tempfile.mkdtemp()) / "server.log"
     command = [
@@ -118,9 +119,9 @@ def start(config: Config, checkpoint: Path, device: str, max_active: int) -> Ser
         "--engine",
         config.engine,
         "--max-batch-size",
-        "64",
+        str(most),
         "--max-active",
-        str(max_active),
+        str(most),
         "--max-queue-size",
         "1024",
         "--warmup",
