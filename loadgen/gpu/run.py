@@ -7,6 +7,8 @@ import argparse
 import functools
 import json
 import math
+import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -52,6 +54,8 @@ class Check:
         from loadgen.gpu import facts
 
         args, results = self.args, self.results
+        # SIGTERM (a limit reached) unwinds like an exception: servers stop, results stay.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         results.set(
             "flags", {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         )
