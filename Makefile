@@ -154,7 +154,8 @@ gpu-pack: model
 gpu-check: gpu-pack
 	$(PY) -m loadgen.gpu.check --pack $(GPU_PACK) --out $(GPU_OUT)/gpu_check.json $(GPU_CHECK_ARGS)
 
-# The check as the GPU machine would run it, on this CPU: a Python 3.12 environment with that
+# The check as the GPU machine would run it, on this CPU (loopback only: `ip link set lo up` in a
+# fresh network namespace): a Python 3.12 environment with that
 # machine's torch 2.11.0 / transformers 5.17.0 and what else of its package list the check uses
 # (older grpcio and protobuf than ours, so the pack's wheels must win), no network (a network
 # namespace), --device cpu, a short budget, float32 (this CPU's fast path; the dtype code paths are
@@ -185,7 +186,8 @@ gpu-rehearsal-env: $(REHEARSAL_DIR)/.installed
 gpu-rehearsal: gpu-rehearsal-env gpu-pack
 	@mkdir -p $(GPU_OUT)-rehearsal
 	@if [ "$$(id -u)" = 0 ]; then netns="unshare -n"; else netns="unshare -rn"; fi; \
-	$$netns env -u PYTHONPATH $(REHEARSAL_PY) -m loadgen.gpu.check --pack $(GPU_PACK) \
+	$$netns sh -c 'ip link set lo up && exec env -u PYTHONPATH "$$@"' sh \
+	  $(REHEARSAL_PY) -m loadgen.gpu.check --pack $(GPU_PACK) \
 	  --out $(GPU_OUT)-rehearsal/gpu_check.json $(REHEARSAL_ARGS); rc=$$?; \
 	$(PY) -c 'import json, sys; d = json.load(open(sys.argv[1])); \
 	  print("status:", d["status"], "| wall_s:", d["wall_s"]); \
