@@ -318,7 +318,7 @@ def level_seconds(wanted_s: float, available_s: float, levels: int, floor_s: flo
     skipped as out of time, and say so)."""
     if levels <= 0:
         return wanted_s
-    return max(floor_s, min(wanted_s, available_s / levels - 2.0))
+    return max(min(floor_s, wanted_s), min(wanted_s, available_s / levels - 2.0))
 
 
 def rotate(configs: list[Any], by: int) -> list[Any]:

@@ -104,6 +104,7 @@ def test_levels_shrink_to_fit_the_time_left_but_not_below_a_floor() -> None:
     assert sweep.level_seconds(10, 1000, 16) == 10
     assert sweep.level_seconds(10, 160, 16) == 8  # 16 levels of 8 s + 2 s each
     assert sweep.level_seconds(10, 20, 16) == 4
+    assert sweep.level_seconds(3, 20, 16) == 3  # the floor never lengthens a level asked for
 
 
 def test_large_v3_slot_caches_at_64_active_take_19_gib_in_fp16() -> None:
