@@ -18,7 +18,7 @@ STAMP_TIME := $(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: help install model serve test test-fast lint typecheck buf pytest docs protos loadtest \
 	study bench-engines bench-precision bench-decode soak fuzz-long gpu-pack gpu-check \
-	gpu-rehearsal images freeze clean
+	gpu-rehearsal gpu-rehearsal-env images freeze clean
 
 help: ## this list
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-z-]*:.*## / {printf "  %-16s %s\n", $$1, $$2}' \
@@ -111,15 +111,6 @@ soak: model ## SOAK_MINUTES of mixed unary calls and streams: RSS series and a v
 	$(PY) -m loadgen soak --dataset '$(DATASET)' --server-args="--model $(MODEL)" \
 	  --minutes $(SOAK_MINUTES)
 
-gpu-pack: model ## pack what the first-GPU check needs into .gpu-pack/
-	$(PY) -m loadgen gpu-pack
-
-gpu-check: gpu-pack ## the first-GPU check (without CUDA: a "skipped" JSON, exit 0)
-	$(PY) -m loadgen gpu-check
-
-gpu-rehearsal: model ## the GPU check end to end on this machine's CPU
-	$(PY) -m loadgen gpu-check --rehearsal
-
 # The long fuzz pass (make test runs a bounded one): each atheris target for FUZZ_S seconds
 # over a corpus kept in runs/fuzz-corpus/; finds land in runs/fuzz-finds/ (make each a file
 # in tests/fuzz/regressions/<target>/, which make test replays).
@@ -144,3 +135,60 @@ freeze: install ## pip freeze into /tmp, to merge into constraints.txt by hand
 
 clean: ## remove .venv and tool caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# -- the first-GPU check (loadgen/gpu; README "On a GPU machine") ----------------------------
+.PHONY: gpu-pack gpu-check gpu-rehearsal gpu-rehearsal-env
+GPU_PACK ?= .gpu-pack
+GPU_OUT ?= runs/gpu-check
+GPU_CHECK_ARGS ?=
+# What travels to the GPU machine besides the tree (<= 60 MiB with it): int8 tiny.en, 40
+# LibriSpeech files, the CPU's reference transcripts, the wheels the machine lacks (derived
+# from the code; the pack refuses to build without one of them or without its pin).
+# GPU_DATASET: LibriSpeech's test-other (a folder, or librispeech:test-other: downloaded once).
+GPU_DATASET ?= librispeech:test-other
+gpu-pack: model ## pack what the first-GPU check needs into GPU_PACK (.gpu-pack)
+	$(PY) -m loadgen gpu-pack --out $(GPU_PACK) --dataset '$(GPU_DATASET)'
+
+# The check here (on a machine without CUDA it writes a "skipped" JSON and exits 0).
+gpu-check: gpu-pack ## the first-GPU check (without CUDA: a "skipped" JSON, exit 0)
+	$(PY) -m loadgen gpu-check --pack $(GPU_PACK) --out $(GPU_OUT)/gpu_check.json $(GPU_CHECK_ARGS)
+
+# The check as the GPU machine would run it, on this CPU (loopback only: `ip link set lo up` in a
+# fresh network namespace): a Python 3.12 environment with that
+# machine's torch 2.11.0 / transformers 5.17.0 and what else of its package list the check uses
+# (older grpcio and protobuf than ours, so the pack's wheels must win), no network (a network
+# namespace), --device cpu, a short budget, float32 (this CPU's fast path; the dtype code paths are
+# the GPU tests' and the unit tests'), a random-weight `base` as the probe (large-v3's encoder would
+# take minutes a window here). Downloads several GB once; not part of `make test`.
+REHEARSAL_DIR ?= $(HOME)/.cache/whisper-grpc/gpu-rehearsal
+REHEARSAL_PYTHON ?= $(shell command -v python3.12 || echo $(HOME)/.pyenv/versions/3.12.1/bin/python3.12)
+REHEARSAL_PY := $(REHEARSAL_DIR)/venv/bin/python
+REHEARSAL_ARGS ?= --device cpu --budget-s 1800 --tests-share 0.5 --level-s 3 --levels 1,8 \
+	--files 8 --dtypes float32 --compile off,on --probes base --probe-dtype float32 \
+	--leaderboard-dtype float32
+$(REHEARSAL_DIR)/.installed:
+	test -x $(REHEARSAL_PY) || $(REHEARSAL_PYTHON) -m venv $(REHEARSAL_DIR)/venv
+	if $(REHEARSAL_PY) -c 'import sys, urllib.request; \
+	    urllib.request.urlopen(sys.argv[1], timeout=3)' "$(TORCH_INDEX)" 2>/dev/null; then \
+	  $(REHEARSAL_PY) -m pip install -q --index-url "$(TORCH_INDEX)" torch==2.11.0; \
+	else \
+	  $(REHEARSAL_PY) -m pip install -q torch==2.11.0; \
+	fi
+	touch $@
+
+# Of the machine's list, what the code imports (loadgen.gpu.needs derives it; any version will
+# do), pytest-timeout (pyproject's `timeout`), and grpcio/protobuf older than ours.
+gpu-rehearsal-env: $(REHEARSAL_DIR)/.installed
+	$(REHEARSAL_PY) -m pip install -q transformers==5.17.0 pytest-timeout 'protobuf<6' 'grpcio<1.80' \
+	  $$($(PY) -m loadgen.gpu.needs torch,transformers,grpcio,protobuf)
+
+gpu-rehearsal: gpu-rehearsal-env gpu-pack ## the GPU check end to end, offline, on this CPU (py3.12, torch 2.11)
+	@mkdir -p $(GPU_OUT)-rehearsal
+	@if [ "$$(id -u)" = 0 ]; then netns="unshare -n"; else netns="unshare -rn"; fi; \
+	$$netns sh -c 'ip link set lo up && exec env -u PYTHONPATH "$$@"' sh \
+	  $(REHEARSAL_PY) -m loadgen.gpu.check --pack $(GPU_PACK) \
+	  --out $(GPU_OUT)-rehearsal/gpu_check.json $(REHEARSAL_ARGS); rc=$$?; \
+	$(PY) -c 'import json, sys; d = json.load(open(sys.argv[1])); \
+	  print("status:", d["status"], "| wall_s:", d["wall_s"]); \
+	  [print("FAILED:", f) for f in d["failures"]]' $(GPU_OUT)-rehearsal/gpu_check.json; \
+	exit $$rc

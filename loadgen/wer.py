@@ -54,11 +54,11 @@ def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> flo
     pairs = [(r, h) for r, h in pairs if r]  # an empty reference has no words to miss
     if not pairs:
         return 0.0
-    edits = sum(_word_edits(r.split(), h.split()) for r, h in pairs)
+    edits = sum(word_edits(r.split(), h.split()) for r, h in pairs)
     return edits / sum(len(r.split()) for r, _ in pairs)
 
 
-def _word_edits(reference: list[str], hypothesis: list[str]) -> int:
+def word_edits(reference: list[str], hypothesis: list[str]) -> int:
     """Substitutions + deletions + insertions turning `reference` into `hypothesis`."""
     previous = list(range(len(hypothesis) + 1))
     for i, ref_word in enumerate(reference, start=1):

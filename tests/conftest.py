@@ -25,7 +25,13 @@ LIBRISPEECH = DATA / "LibriSpeech"
 JFK_FLAC = DATA / "jfk" / "jfk.flac"
 JFK_WAV = DATA / "jfk" / "jfk.wav"
 SLOW_DIRS = ("integration", "gpu")
-SLOW_MODULES = ("test_buf.py", "test_deploy.py", "test_k8s.py", "test_gpu_check.py")
+SLOW_MODULES = (
+    "test_buf.py",
+    "test_deploy.py",
+    "test_k8s.py",
+    "test_gpu_check.py",
+    "test_gpu_pack.py",
+)
 """Whole modules whose fixtures run buf, docker compose, kubectl or bash."""
 CHEAP_COMMANDS = ("uname",)
 """Subprocesses a fast test may start: `platform.processor()` runs `uname -p` (the device

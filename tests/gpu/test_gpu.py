@@ -1,8 +1,8 @@
 """On a CUDA device: both engines, fp16 and bf16, joins and leaves, drafts, fallbacks and word
 times with real tiny.en weights on real speech (skipped without CUDA; run by
-`scripts/gpu_check.sh`). The checkpoint is WHISPER_GRPC_TEST_CHECKPOINT (the GPU check's
+`python -m loadgen.gpu.check`). The checkpoint is WHISPER_GRPC_TEST_CHECKPOINT (the GPU check's
 dequantized tiny.en) or tiny.en provisioned as usual; the audio is WHISPER_GRPC_TEST_AUDIO (a
-folder of FLAC files with a transcripts.txt) or ../shared's test-other split."""
+folder of FLAC files with their *.trans.txt) or ../shared's test-other split."""
 
 from __future__ import annotations
 
@@ -28,15 +28,20 @@ pytestmark = [
         DEVICE.startswith("cuda") and not torch.cuda.is_available(), reason="needs a CUDA device"
     ),
 ]
-DTYPES = ["float16", "bfloat16"]
+# The GPU check passes its --dtypes and --files on (a CPU dry run: float32, a few clips).
+DTYPES = os.environ.get("WHISPER_GRPC_TEST_DTYPES", "float16,bfloat16").split(",")
+CLIPS = int(os.environ.get("WHISPER_GRPC_TEST_CLIPS", "24"))
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def clips() -> list[tuple[np.ndarray, str]]:
     folder = os.environ.get("WHISPER_GRPC_TEST_AUDIO")
-    if folder:
-        lines = (Path(folder) / "transcripts.txt").read_text().splitlines()
+    if folder:  # the GPU pack's audio: LibriSpeech's layout, one folder
+        lines = [
+            line for trans in sorted(Path(folder).glob("*.trans.txt"))
+            for line in trans.read_text().splitlines()
+        ]  # fmt: skip
         paths = [Path(folder) / f"{line.split()[0]}.flac" for line in lines]
         texts = [line.partition(" ")[2] for line in lines]
     else:
@@ -45,7 +50,7 @@ def clips() -> list[tuple[np.ndarray, str]]:
         require_data()
         items = librispeech_items("test-other")
         paths, texts = [p for _, p, _ in items], [t for _, _, t in items]
-    return [(sf.read(p, dtype="float32")[0], t) for p, t in zip(paths[:24], texts, strict=False)]
+    return [(sf.read(p, dtype="float32")[0], t) for p, t in zip(paths[:CLIPS], texts, strict=False)]
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +147,13 @@ def test_both_engines_through_grpc_on_the_gpu(checkpoint, clips, engine) -> None
     from server.embedded import EmbeddedServer
     from tests.conftest import wav_bytes
 
-    model = model_in(checkpoint, "float16")
+    model = model_in(checkpoint, DTYPES[0])
     server = EmbeddedServer(Settings(engine=engine, max_batch_size=8, warmup=False), model)
     server.start()
     try:
         stub = server.stub()
         info = stub.GetServerInfo(asr_pb2.GetServerInfoRequest())
-        assert info.device.startswith(DEVICE) and info.dtype == "float16"
+        assert info.device.startswith(DEVICE) and info.dtype == DTYPES[0]
 
         def call(samples: np.ndarray) -> str:
             audio = asr_pb2.RecognitionAudio(content=wav_bytes(samples, 16_000))
@@ -161,4 +166,4 @@ def test_both_engines_through_grpc_on_the_gpu(checkpoint, clips, engine) -> None
         server.stop()
     reference = [r.text for r in model.run_batch(tasks(model, clips[:16]))]
     same = sum(a == b for a, b in zip(texts, reference, strict=True))
-    assert same >= 13, list(zip(texts, reference, strict=True))
+    assert same >= 0.8 * len(texts), list(zip(texts, reference, strict=True))

@@ -91,12 +91,11 @@ def test_server_imports_no_measuring_code() -> None:
 
 
 def test_scripts_hold_only_repository_chores() -> None:
-    chores = sorted(p.name for p in (ROOT / "scripts").glob("*") if p.suffix in (".py", ".sh")
-                    and not p.name.startswith("gpu_"))  # fmt: skip
+    chores = sorted(p.name for p in (ROOT / "scripts").glob("*") if p.suffix in (".py", ".sh"))
     assert chores == ["buf_check.py", "gen_config_doc.py", "gen_protos.py"]
     for path in ROOT.glob("*/**/*.py"):
-        if "gpu_" in path.name or path == Path(__file__).resolve():
-            continue  # scripts/gpu_*.py and their test are on their way to loadgen/gpu/
+        if path == Path(__file__).resolve():
+            continue
         if path.parts[len(ROOT.parts)] in (*PACKAGES, "scripts", "tests"):
             assert "sys.path.insert" not in path.read_text(encoding="utf-8"), path
 
