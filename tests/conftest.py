@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+
+# Servers started by tests (in subprocesses too) decode eagerly: compiling the decode step
+# takes minutes; the one test that compiles says so (tests/unit/test_static_step.py).
+os.environ.setdefault("WHISPER_GRPC_COMPILE", "off")
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

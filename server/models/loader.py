@@ -24,6 +24,10 @@ def load_model(settings: Settings) -> SpeechModel:
     # generate() warns on every call about settings we choose on purpose; keep logs readable.
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    if settings.compile != "off":
+        from server.models.static_step import persist_compiled
+
+        persist_compiled(str(settings.cache_dir))
     resolved = resolve_model(settings.model, settings.cache_dir)
     model = WhisperModel(
         resolved.name_or_path,
