@@ -187,23 +187,25 @@ class StepRunner:
 
     def run(self, ids: list[int], positions: list[int]) -> tuple[list[int], list[float]]:
         """One token for slots 0..len(ids)-1 (positions: their cache lengths)."""
-        n = len(ids)
-        bucket = bucket_for(n, self.sizes)
-        last = self.decoder.max_positions - 1
-        pad = bucket - n
-        host = torch.tensor(
-            [ids + [0] * pad, [min(p, last) for p in positions] + [0] * pad],
-            dtype=torch.int64,
-            device="cpu",
-        )
-        runner = self._compiled.get(bucket)
-        if isinstance(runner, _Graph):
-            out = runner.replay(host)
-        else:
-            inputs = host.to(self.decoder.device, non_blocking=True)
-            with _no_grad():
+        # All of it outside inference_mode, as at warm-up: an input made under it is another
+        # kind of tensor to dynamo's guards, and would recompile the bucket on a request.
+        with _no_grad():
+            n = len(ids)
+            bucket = bucket_for(n, self.sizes)
+            last = self.decoder.max_positions - 1
+            pad = bucket - n
+            host = torch.tensor(
+                [ids + [0] * pad, [min(p, last) for p in positions] + [0] * pad],
+                dtype=torch.int64,
+                device="cpu",
+            )
+            runner = self._compiled.get(bucket)
+            if isinstance(runner, _Graph):
+                out = runner.replay(host)
+            else:
+                inputs = host.to(self.decoder.device, non_blocking=True)
                 out = (runner or self.step)(inputs[0], inputs[1])
-        rows = out[:n].tolist()  # the one transfer back (a sync point)
+            rows = out[:n].tolist()  # the one transfer back (a sync point)
         return [int(r[0]) for r in rows], [r[1] for r in rows]
 
     def warm(self, sizes: list[int] | None = None) -> None:
@@ -222,7 +224,8 @@ class StepRunner:
 
     def _build(self, bucket: int) -> Any:
         device = self.decoder.device
-        zeros = torch.zeros(2, bucket, dtype=torch.int64, device=device)
+        with _no_grad():
+            zeros = torch.zeros(2, bucket, dtype=torch.int64, device=device)
         if self.choice.mode == "cuda-graphs":
             return _Graph(self.step, zeros)
         if self._fn is None:
