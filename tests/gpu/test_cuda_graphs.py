@@ -95,7 +95,7 @@ def test_an_out_of_memory_step_is_retried_in_eager_pieces(checkpoint, clips) -> 
     model = model_in(checkpoint, "float16")
     windows = tasks(model, clips[:6])
     eager = decode(model, windows, "off")
-    faults = []
+    faults: list[int] = []
 
     def fault(runtime: GreedyRuntime) -> None:
         real = runtime.runner.run
