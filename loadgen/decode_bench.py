@@ -12,6 +12,10 @@ agree; a difference is a near-tie flipped by a different float summation order).
 
     python -m loadgen.decode_bench --dataset DIR [--limit 100] [--concurrency 1,8]
         [--model tiny.en] [--dtype float32] [--max-active 8] [--rounds 1]
+    python -m loadgen.decode_bench --steps [--concurrency 1,8] [--model tiny.en]
+
+`--steps` times the decode step alone, in process (no gRPC, no encoder): `GreedyRuntime.step`
+eager and compiled, at each number of active sequences, in turns, over `--rounds` rounds.
 """
 
 from __future__ import annotations
@@ -108,7 +112,9 @@ def load_average() -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadgen decode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--dataset", required=True, help="LibriSpeech split folder (test-other)")
+    p.add_argument("--dataset", help="LibriSpeech split folder (test-other)")
+    p.add_argument("--steps", action="store_true", help="time the decode step alone")
+    p.add_argument("--tokens", type=int, default=64, help="--steps: steps timed per turn")
     p.add_argument("--limit", type=int, default=100, help="files (seeded sample), default 100")
     p.add_argument("--concurrency", default="1,8", help="comma-separated levels, default 1,8")
     p.add_argument("--model", default="tiny.en")
@@ -129,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     from server.models.loader import load_model
 
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    if args.steps:
+        print("\n".join(time_steps(args, levels)))
+        return 0
+    if not args.dataset:
+        _parser().error("--dataset is required (or --steps)")
     data = load_dataset(args.dataset, limit=args.limit)
     base = Settings(model=args.model, dtype=args.dtype, max_active=args.max_active,
                     max_batch_size=min(8, args.max_active), max_queue_size=512)  # fmt: skip
@@ -175,6 +186,53 @@ def _measure(server: Any, mode: str, level: int, items: Sequence[Item], pb: Any)
     run.step_ms = step_means(before, times.snapshot())
     log.info("%s c%d: %.2f files/s", mode, level, run.files_per_s)
     return run
+
+
+def time_steps(args: argparse.Namespace, levels: list[int]) -> list[str]:
+    """Mean ms of `GreedyRuntime.step` at each number of active sequences, eager and compiled
+    in turns (one second of noise as every window; its sequences never finish)."""
+    import numpy as np
+
+    from server.config import Settings
+    from server.models.base import DecodeOptions
+    from server.models.loader import load_model
+    from server.models.whisper_step import GreedyRuntime
+
+    settings = Settings(model=args.model, dtype=args.dtype, compile="on", warmup=False)
+    if args.cache_dir is not None:
+        settings = settings.replace(cache_dir=args.cache_dir)
+    model: Any = load_model(settings)
+    runtimes = {}
+    for mode in MODES:
+        runtimes[mode] = GreedyRuntime(model, max(levels), compile=mode)
+        started = time.perf_counter()
+        runtimes[mode].warm_steps()
+        log.info("%s: warmed in %.1f s", mode, time.perf_counter() - started)
+    noise = np.random.default_rng(0).standard_normal(16_000).astype(np.float32) * 0.01
+    features = model.prepare(noise)
+    times: dict[tuple[int, str], list[float]] = {}
+    for _ in range(args.rounds):
+        for n in levels:
+            for mode, runtime in runtimes.items():
+                prompt = runtime.prompt(DecodeOptions()) or []
+                seqs = runtime.join([features] * n, [prompt] * n, list(range(n)))
+                for seq in seqs:  # keep all n decoding whatever they emit
+                    seq.finished, seq.max_new_tokens = False, 10**6
+                runtime.step()
+                started = time.perf_counter()
+                for _ in range(args.tokens):
+                    runtime.step()
+                elapsed = time.perf_counter() - started
+                runtime.leave(list(runtime.active))
+                times.setdefault((n, mode), []).append(1000 * elapsed / args.tokens)
+    lines = [f"## Decode step alone: {args.model}, {args.dtype}, {cpu_model()}",
+             f"load average after: {load_average()}", "",
+             "| active | eager ms/step | compiled ms/step | speed-up |",
+             "|---:|---:|---:|---:|"]  # fmt: skip
+    for n in levels:
+        eager, comp = min(times[(n, "off")]), min(times[(n, "on")])
+        lines.append(f"| {n} | {eager:.2f} | {comp:.2f} | {eager / comp:.2f}x |")
+    return lines
 
 
 def _engine(server: Any) -> Any:

@@ -14,10 +14,14 @@ could not be captured. Here a step's shapes come from a small set of buckets onl
   here: the first generated position is always picked in the prompt pass (`GreedyRuntime.join`).
   Ids and log-probabilities come back as one (rows, 2) float64 tensor: one transfer per step.
 
-`StepRunner` runs it: eagerly, compiled by inductor (CPU; one graph per bucket, compiled at
-warm-up, never on a request's time: a bucket not warmed runs eagerly), or captured as one CUDA
-graph per bucket over fixed input buffers (the caches never move, so their addresses are fixed
-too). `choose_step()` turns the `compile` setting into one of those, with the reason.
+`StepRunner` runs it compiled by inductor (CPU; one graph per bucket, compiled at warm-up,
+never on a request's time) or captured as one CUDA graph per bucket over fixed input buffers
+(the caches never move, so their addresses are fixed too). Eagerly (`--compile off`, or a
+bucket not warmed) it runs `BatchedDecoder.step` instead: the same math over exactly the
+active rows and filled positions, which keeps one window bit-for-bit equal to `generate` in
+every dtype (attention over the whole cache changes fp16 sums on a CPU), with the same pick
+on the device and the same single transfer back. `choose_step()` turns the `compile` setting
+into one of those, with the reason.
 
 Only the model worker thread uses these.
 """
@@ -187,26 +191,41 @@ class StepRunner:
 
     def run(self, ids: list[int], positions: list[int]) -> tuple[list[int], list[float]]:
         """One token for slots 0..len(ids)-1 (positions: their cache lengths)."""
-        # All of it outside inference_mode, as at warm-up: an input made under it is another
-        # kind of tensor to dynamo's guards, and would recompile the bucket on a request.
-        with _no_grad():
-            n = len(ids)
-            bucket = bucket_for(n, self.sizes)
-            last = self.decoder.max_positions - 1
-            pad = bucket - n
-            host = torch.tensor(
-                [ids + [0] * pad, [min(p, last) for p in positions] + [0] * pad],
-                dtype=torch.int64,
-                device="cpu",
-            )
-            runner = self._compiled.get(bucket)
-            if isinstance(runner, _Graph):
-                out = runner.replay(host)
-            else:
-                inputs = host.to(self.decoder.device, non_blocking=True)
-                out = (runner or self.step)(inputs[0], inputs[1])
-            rows = out[:n].tolist()  # the one transfer back (a sync point)
+        n = len(ids)
+        bucket = bucket_for(n, self.sizes)
+        runner = self._compiled.get(bucket)
+        if runner is None:
+            out = self.eager(ids)
+        else:
+            # Outside inference_mode, as at warm-up: an input made under it is another kind
+            # of tensor to dynamo's guards, and would recompile the bucket on a request.
+            with _no_grad():
+                last = self.decoder.max_positions - 1
+                pad = bucket - n
+                host = torch.tensor(
+                    [ids + [0] * pad, [min(p, last) for p in positions] + [0] * pad],
+                    dtype=torch.int64,
+                    device="cpu",
+                )
+                if isinstance(runner, _Graph):
+                    out = runner.replay(host)
+                else:
+                    inputs = host.to(self.decoder.device, non_blocking=True)
+                    out = runner(inputs[0], inputs[1])
+        rows = out[:n].tolist()  # the one transfer back (a sync point)
         return [int(r[0]) for r in rows], [r[1] for r in rows]
+
+    @torch.inference_mode()
+    def eager(self, ids: list[int]) -> torch.Tensor:
+        """The eager step (`--compile off`, and buckets not warmed): `BatchedDecoder.step` over
+        exactly the active rows and filled positions (no padding: one sequence alone gets
+        bit-for-bit the logits of `generate`, in every dtype), the same greedy pick on the
+        device. Returns (n, 2) float64: id, log-probability."""
+        logits = self.decoder.step(torch.as_tensor(ids, device=self.decoder.device), 0).float()
+        scores = logits + self.step.bias  # -inf where suppressed, else unchanged
+        tokens = scores.argmax(dim=-1)
+        logprobs = torch.log_softmax(scores, dim=-1).gather(1, tokens.unsqueeze(1))[:, 0]
+        return torch.stack([tokens.double(), logprobs.double()], dim=1)
 
     def warm(self, sizes: list[int] | None = None) -> None:
         """Compile (or capture) the step of each bucket, running it on slots 0..bucket-1 at

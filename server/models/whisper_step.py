@@ -426,9 +426,10 @@ class GreedyRuntime:
     @torch.inference_mode()
     def step(self, max_rows: int | None = None) -> None:
         """One token for every active sequence that isn't finished (finished ones, if any
-        are left in, are stepped along and don't change). All rows run as one static-shape
-        step (`server.models.static_step`); with `max_rows` below the active count (after an
-        out of memory), in eager pieces of at most that many rows (smaller pieces need less
+        are left in, are stepped along and don't change). All rows run as one step, compiled or
+        graph-captured per row bucket when warmed (`server.models.static_step`); with
+        `max_rows` below the active count (after an out of memory), in eager pieces of at
+        most that many rows (smaller pieces need less
         memory for activations and logits). Nothing changes unless every piece ran: a step
         that raised can be run again."""
         live = self.active
