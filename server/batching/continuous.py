@@ -264,7 +264,7 @@ class ContinuousEngine:
     @property
     def decode_step(self) -> str:
         """How decode steps run: "compiled (inductor)", "cuda-graphs" or "eager: <why>"."""
-        return self.runtime.step_choice.label
+        return self.runtime.step_label
 
     async def warmup(self, batch_sizes: list[int]) -> None:
         """Compile (or capture) the decode step of every row bucket, then decode one second of

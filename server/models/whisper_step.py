@@ -294,9 +294,18 @@ class GreedyRuntime:
     def warm_steps(self) -> None:
         """Compile (or capture) the decode step of every row bucket now, before serving, so
         that no request waits for it; only while no sequence is decoding."""
+        if self.step_choice.mode == "eager":
+            return
         if self.active:
             raise RuntimeError("decode steps are warmed up only while nothing is decoding")
         self.runner.warm()
+
+    @property
+    def step_label(self) -> str:
+        """What runs the decode steps, for the log and GetServerInfo."""
+        if self.step_choice.mode != "eager" and not (self._runner and self._runner.warmed):
+            return "eager: the compiled step is built at warm-up, and there was none"
+        return self.step_choice.label
 
     # -- prompts and options ------------------------------------------------------------
     def prompt(self, options: DecodeOptions) -> list[int] | None:

@@ -113,3 +113,37 @@ def test_compiled_step_gives_the_eager_tokens_compiling_once_per_bucket(model) -
     assert counters["stats"]["unique_graphs"] - before == 2  # one graph per bucket
     assert _decode_with_joins_and_leaves(compiled, model) == expected
     assert counters["stats"]["unique_graphs"] - before == 2  # no recompile per token
+
+
+async def test_without_warm_up_nothing_compiles_on_a_request(model) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch._dynamo.utils import counters
+
+    from server.batching.continuous import ContinuousEngine, EngineConfig
+    from server.models.base import WindowTask
+
+    before = counters["stats"]["unique_graphs"]
+    with ThreadPoolExecutor(1) as worker:
+        engine = ContinuousEngine(model, worker, EngineConfig(max_active=2, compile="on"))
+        engine.start()
+        silence = model.prepare(np.zeros(16_000, np.float32))
+        result = await engine.submit(WindowTask(silence, 1.0))
+        await engine.stop()
+    assert result.value.tokens  # decoded, eagerly
+    assert counters["stats"]["unique_graphs"] == before
+    assert engine.decode_step.startswith("eager: the compiled step is built at warm-up")
+    steps = engine.step_times.snapshot()[1]
+    assert steps.steps == engine.stats().decode_steps > 0
+
+
+def test_server_info_says_how_the_decode_step_runs(model) -> None:
+    from asr.v1 import asr_pb2
+    from server.embedded import EmbeddedServer
+
+    server = EmbeddedServer(Settings(compile="off", warmup=False), model).start()
+    try:
+        info = server.stub().GetServerInfo(asr_pb2.GetServerInfoRequest(), timeout=30)
+    finally:
+        server.stop()
+    assert (info.engine, info.decode_step) == ("continuous", "eager: --compile off")
