@@ -122,13 +122,18 @@ def cpp_compiler_problem() -> str | None:
 
 
 def persist_compiled(cache_dir: str) -> None:
-    """Keep inductor's compiled kernels and graphs under the model cache, across restarts."""
+    """Keep inductor's compiled kernels and graphs under the model cache, across restarts
+    (unless TORCHINDUCTOR_CACHE_DIR names another place)."""
     import os
 
     from torch._inductor import config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    # inductor reads its cache location from this variable only (at first use).
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache_dir, "inductor"))
+    # inductor reads its cache location from this variable, and writes its default (under
+    # /tmp, gone with the container) there at first use: that one is replaced.
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if given is None or os.path.abspath(given) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache_dir, "inductor")
     inductor_config.fx_graph_cache = True
 
 
