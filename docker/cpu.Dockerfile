@@ -25,6 +25,12 @@ ENV PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
+# g++ (and gcc): torch.compile (inductor) builds the decode step's CPU kernels with it at start-up
+# (--compile auto); without it the server decodes eagerly and says why in its log.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+
 RUN python -m venv "$VIRTUAL_ENV"
 
 WORKDIR /opt/whisper-grpc/src

@@ -99,8 +99,14 @@ class ServerHandle:
         batcher.start()
         self.metrics.queue_depth.set_function(lambda: batcher.depth)
         self.metrics.watch_engine(batcher.stats)
+        self.metrics.watch_steps(getattr(batcher, "step_times", None))
         if s.warmup:  # the engine's own caches and kernels, on top of the model's warm-up
+            started = time.monotonic()
             await batcher.warmup([1, s.max_batch_size])
+            log.info("engine warmed up in %.1f s", time.monotonic() - started)
+        step = getattr(batcher, "decode_step", "")
+        if step:
+            log.info("decode step: %s", step)
         gate = SpeechGate(s.no_speech_threshold, s.silence_dbfs)
         self.servicer.recognizer = Recognizer(
             model, self.batcher, s.max_audio_s, gate, max_windows=s.max_queue_size

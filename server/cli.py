@@ -33,6 +33,7 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     ),
     "engine": (str, "continuous (decoder steps shared by all windows in flight) or generate"),
     "max-batch-size": (int, "most 30 s windows per model call (continuous: per encoder pass)"),
+    "compile": (str, "continuous engine: decode step auto (compiled / CUDA graphs), on, off"),
     "max-active": (int, "continuous engine: most windows decoding at once"),
     "max-join-share": (float, "continuous engine: tail guard, (0, 1]; 1: off"),
     "max-fallback-share": (float, "continuous engine: most worker time a fallback takes, (0, 1]"),

@@ -20,6 +20,7 @@ DEFAULT_MODEL = "tiny.en"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 ENGINES = ("continuous", "generate")
+COMPILE_MODES = ("auto", "on", "off")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
 
@@ -55,6 +56,12 @@ class Settings:
     (the fake test model) always use `generate`."""
     max_batch_size: int = bounded(8, 1, 256)
     """Most 30 s windows in one model call (with `continuous`: in one encoder pass), 1..256."""
+    compile: str = "auto"
+    """With `continuous`: how the decode step runs. `auto`: on a CPU compiled by
+    `torch.compile` (inductor) when a C++ compiler is usable, else eager (the log says why);
+    on CUDA captured as CUDA graphs, one per row bucket (1, 2, 4, ... max_active). `on`: the
+    same, failing at start-up without a compiler. `off`: eager. Compiling happens at warm-up,
+    before SERVING (kept under `cache_dir`/inductor across restarts)."""
     max_active: int = bounded(16, 1, 1024)
     """With `continuous`: most windows decoding at once (each holds its decoder caches,
     about 23 MiB for tiny.en in fp32, 305 MiB for large-v3 in fp16), 1..1024."""
@@ -171,6 +178,10 @@ class Settings:
             raise SettingsError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         if self.engine not in ENGINES:
             raise SettingsError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if self.compile not in COMPILE_MODES:
+            raise SettingsError(
+                f"compile must be one of {', '.join(COMPILE_MODES)}, not {self.compile!r}"
+            )
         if self.dtype not in DTYPES:
             raise SettingsError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.log_level.upper() not in LOG_LEVELS:

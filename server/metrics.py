@@ -11,10 +11,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from server.batching.base import BatchStats
+from server.batching.step_times import STEP_BUCKETS_S, StepTimes
 
 # Latency buckets from 5 ms to 2 min: CPU tiny.en and GPU large-v3 both land inside. Tens of
 # milliseconds apart below a second, so a GPU's p99 (a few hundred ms) is read from buckets
@@ -98,6 +104,11 @@ class Metrics:
         """Export the continuous engine's counters (`EngineStats`), read at scrape time."""
         self.registry.register(_EngineCollector(stats))
 
+    def watch_steps(self, step_times: StepTimes | None) -> None:
+        """Export the continuous engine's per-step decode times (None: no decode steps)."""
+        if step_times is not None:
+            self.registry.register(_StepCollector(step_times))
+
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Start the /metrics HTTP endpoint; returns the bound port (port 0 picks one)."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
@@ -138,3 +149,32 @@ class _EngineCollector(Collector):
         seconds.add_metric(["decode"], s.decode_s)
         seconds.add_metric(["fallback"], s.fallback_s)
         yield seconds
+
+
+class _StepCollector(Collector):
+    """Per-step decode time by row bucket, and tokens per second, read at scrape time."""
+
+    def __init__(self, step_times: StepTimes) -> None:
+        self._times = step_times
+
+    def collect(self) -> Iterator[Metric]:
+        steps = HistogramMetricFamily(
+            "asr_decode_step_seconds", "Wall time of one decode step, by its rows rounded up "
+            "to a power of two (rows=\"1\": what a token costs one sequence alone).",
+            labels=["rows"],
+        )  # fmt: skip
+        for rows, h in self._times.snapshot().items():
+            cumulative, buckets = 0, []
+            for bound, count in zip([*STEP_BUCKETS_S, float("inf")], h.counts, strict=True):
+                cumulative += count
+                buckets.append((_le(bound), cumulative))
+            steps.add_metric([str(rows)], buckets, h.sum_s)
+        yield steps
+        yield GaugeMetricFamily(
+            "asr_decode_tokens_per_second", "Tokens generated per second of decode steps, "
+            "over the steps of the last 10 s.", self._times.tokens_per_second(),
+        )  # fmt: skip
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)

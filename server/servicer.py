@@ -128,6 +128,7 @@ class SpeechServicer(asr_pb2_grpc.SpeechServicer):
             no_speech_threshold=s.no_speech_threshold,
             silence_dbfs=s.silence_dbfs,
             max_new_tokens=s.max_new_tokens,
+            decode_step=getattr(recognizer.batcher, "decode_step", ""),
         )
 
     def _convert_config(

@@ -10,6 +10,7 @@ servers), in one of SLOW_MODULES (Docker Compose, kubectl, buf), or marked
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,10 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
+
+# Servers started by tests (in subprocesses too) decode eagerly: compiling the decode step
+# takes minutes; the one test that compiles says so (tests/unit/test_static_step.py).
+os.environ.setdefault("WHISPER_GRPC_COMPILE", "off")
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -205,7 +205,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model_id", "multilingual", "device", "device_name", "dtype", "max_batch_size", "max_wait_ms", "max_queue_size", "max_audio_s", "server_version", "torch_version", "transformers_version", "max_message_bytes", "languages", "engine", "max_active", "max_streams", "max_beam_size", "max_stream_duration_s", "stream_buffer_s", "stream_idle_timeout_s", "endpoint_silence_ms", "interim_interval_ms", "no_speech_threshold", "silence_dbfs", "max_new_tokens", "dtype_reason")
+    __slots__ = ("model_id", "multilingual", "device", "device_name", "dtype", "max_batch_size", "max_wait_ms", "max_queue_size", "max_audio_s", "server_version", "torch_version", "transformers_version", "max_message_bytes", "languages", "engine", "max_active", "max_streams", "max_beam_size", "max_stream_duration_s", "stream_buffer_s", "stream_idle_timeout_s", "endpoint_silence_ms", "interim_interval_ms", "no_speech_threshold", "silence_dbfs", "max_new_tokens", "dtype_reason", "decode_step")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MULTILINGUAL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +233,7 @@ class ServerInfo(_message.Message):
     SILENCE_DBFS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_REASON_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     multilingual: bool
     device: str
@@ -260,4 +261,5 @@ class ServerInfo(_message.Message):
     silence_dbfs: float
     max_new_tokens: int
     dtype_reason: str
-    def __init__(self, model_id: _Optional[str] = ..., multilingual: _Optional[bool] = ..., device: _Optional[str] = ..., device_name: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_wait_ms: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., max_audio_s: _Optional[float] = ..., server_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., transformers_version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., languages: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., max_active: _Optional[int] = ..., max_streams: _Optional[int] = ..., max_beam_size: _Optional[int] = ..., max_stream_duration_s: _Optional[float] = ..., stream_buffer_s: _Optional[float] = ..., stream_idle_timeout_s: _Optional[float] = ..., endpoint_silence_ms: _Optional[int] = ..., interim_interval_ms: _Optional[int] = ..., no_speech_threshold: _Optional[float] = ..., silence_dbfs: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., dtype_reason: _Optional[str] = ...) -> None: ...
+    decode_step: str
+    def __init__(self, model_id: _Optional[str] = ..., multilingual: _Optional[bool] = ..., device: _Optional[str] = ..., device_name: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_wait_ms: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., max_audio_s: _Optional[float] = ..., server_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., transformers_version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., languages: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., max_active: _Optional[int] = ..., max_streams: _Optional[int] = ..., max_beam_size: _Optional[int] = ..., max_stream_duration_s: _Optional[float] = ..., stream_buffer_s: _Optional[float] = ..., stream_idle_timeout_s: _Optional[float] = ..., endpoint_silence_ms: _Optional[int] = ..., interim_interval_ms: _Optional[int] = ..., no_speech_threshold: _Optional[float] = ..., silence_dbfs: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., dtype_reason: _Optional[str] = ..., decode_step: _Optional[str] = ...) -> None: ...

@@ -70,7 +70,8 @@ from server.batching.base import (
     settle,
     wait_idle,
 )
-from server.config import Settings, check_bounds
+from server.batching.step_times import StepTimes
+from server.config import COMPILE_MODES, Settings, check_bounds
 from server.errors import (
     BatchError,
     DeadlineExceededError,
@@ -99,15 +100,19 @@ class EngineConfig:
     # Between the tokens of a `generate` fallback, the decode loop runs its own rounds so the
     # fallback takes at most this share of the worker's time while others decode. 1: off.
     max_fallback_share: float = 0.25
+    # How decode steps run (Settings.compile); off here, so tests don't compile unasked.
+    compile: str = "off"
 
     def __post_init__(self) -> None:
         check_bounds(self)
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}")
 
     @classmethod
     def from_settings(cls, s: Settings) -> EngineConfig:
         return cls(
             s.max_active, s.max_batch_size, s.max_queue_size, s.max_join_share,
-            s.max_fallback_share,
+            s.max_fallback_share, compile=s.compile,
         )  # fmt: skip
 
 
@@ -158,7 +163,8 @@ class ContinuousEngine:
         # Rows per decode-step piece after an out-of-memory step (None: all rows at once);
         # back to None when the decode batch empties.
         self._step_rows: int | None = None
-        self.runtime = GreedyRuntime(model, self.config.max_active)
+        self.runtime = GreedyRuntime(model, self.config.max_active, self.config.compile)
+        self.step_times = StepTimes()  # per-step wall times by rows (Prometheus, benchmarks)
         self._lock = threading.Lock()  # guards the queues and _running across the two threads
         self._pending: collections.deque[_Request] = collections.deque()
         self._background: collections.deque[_Request] = collections.deque()
@@ -265,10 +271,18 @@ class ContinuousEngine:
             self._job = None
         self._idle.set()
 
+    @property
+    def decode_step(self) -> str:
+        """How decode steps run: "compiled (inductor)", "cuda-graphs" or "eager: <why>"."""
+        return self.runtime.step_label
+
     async def warmup(self, batch_sizes: list[int]) -> None:
-        """Decode one second of silence in batches of these sizes through the engine (once
-        started), so the first requests don't pay for the slot caches' allocation and the
-        first calls of each kernel."""
+        """Compile (or capture) the decode step of every row bucket, then decode one second of
+        silence in batches of these sizes through the engine (once started), so the first
+        requests don't pay for compilation, the slot caches' allocation and the first calls
+        of each kernel."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self.runtime.warm_steps)
         silence = await asyncio.to_thread(self.model.prepare, np.zeros(16_000, np.float32))
         for size in sorted(set(batch_sizes)):
             size = min(size, self.config.max_active, self.config.max_queue_size)
@@ -512,6 +526,7 @@ class ContinuousEngine:
             return
         finally:
             self._seconds["decode"] += time.monotonic() - started
+        self.step_times.observe(rows, time.monotonic() - started)
         self._counts["steps"] += 1
         self._counts["step_rows"] += rows
         self._finish([s for s in self.runtime.active if s.finished])

@@ -25,6 +25,10 @@ def load_model(settings: Settings) -> SpeechModel:
     # generate() warns on every call about settings we choose on purpose; keep logs readable.
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    if settings.compile != "off":
+        from server.models.static_step import persist_compiled
+
+        persist_compiled(str(settings.cache_dir))
     resolved = resolve_model(settings.model, settings.cache_dir)
     if resolved.source == "hub":  # fail in seconds when offline, not after minutes of retries
         ensure_hub_model_available(resolved.name_or_path, tuple(BUILTIN_MODELS))

@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from server.models.base import DecodeOptions, WindowResult, Word
 from server.models.device import device_errors
 from server.models.runaway import is_looping, trim_loop
+from server.models.static_step import StepRunner, choose_step
 from server.models.whisper_align import frames_of, group_words, token_times
 from server.models.whisper_language import DETECT, detect_languages, with_language
 from server.models.whisper_tokens import (
@@ -93,7 +94,8 @@ class BatchedDecoder:
         cross_shape = (capacity, self.heads, self.source_positions, self.head_dim)
 
         def alloc(shape: tuple[int, ...]) -> list[torch.Tensor]:
-            with torch.inference_mode():
+            # Not under inference_mode: a compiled step may not mutate tensors made under it.
+            with torch.inference_mode(False), torch.no_grad():
                 return [
                     torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(layers)
                 ]
@@ -247,7 +249,7 @@ class GreedyRuntime:
     """Greedy Whisper decoding with sequences joining and leaving between steps. Only the
     model worker thread calls it. `active[i]` is the sequence in decoder slot i."""
 
-    def __init__(self, model: Any, max_active: int) -> None:
+    def __init__(self, model: Any, max_active: int, compile: str = "off") -> None:
         self.model = model  # a WhisperModel: .model (transformers), .tokenizer, .info
         hf = model.model
         gen = hf.generation_config
@@ -269,6 +271,8 @@ class GreedyRuntime:
             gen, hf.config.vocab_size, self.device
         )
         self._decoder: BatchedDecoder | None = None  # allocated on first use, on the worker
+        self._runner: StepRunner | None = None
+        self.step_choice = choose_step(compile, self.device)
         self.active: list[DecodeSequence] = []
         # Logit rules of the checkpoint's generation config that greedy decoding here doesn't
         # apply: with any of them, every window falls back to generate.
@@ -286,6 +290,28 @@ class GreedyRuntime:
             positions = self.hf.config.max_target_positions
             self._decoder = BatchedDecoder(self.hf, self.max_active, positions)
         return self._decoder
+
+    @property
+    def runner(self) -> StepRunner:
+        if self._runner is None:
+            self._runner = StepRunner(self.decoder, self.suppression.always, self.step_choice)
+        return self._runner
+
+    def warm_steps(self) -> None:
+        """Compile (or capture) the decode step of every row bucket now, before serving, so
+        that no request waits for it; only while no sequence is decoding."""
+        if self.step_choice.mode == "eager":
+            return
+        if self.active:
+            raise RuntimeError("decode steps are warmed up only while nothing is decoding")
+        self.runner.warm()
+
+    @property
+    def step_label(self) -> str:
+        """What runs the decode steps, for the log and GetServerInfo."""
+        if self.step_choice.mode != "eager" and not (self._runner and self._runner.warmed):
+            return "eager: the compiled step is built at warm-up, and there was none"
+        return self.step_choice.label
 
     # -- prompts and options ------------------------------------------------------------
     def prompt(self, options: DecodeOptions) -> list[int] | None:
@@ -442,25 +468,32 @@ class GreedyRuntime:
     @torch.inference_mode()
     def step(self, max_rows: int | None = None) -> None:
         """One token for every active sequence that isn't finished (finished ones, if any
-        are left in, are stepped along and don't change), in pieces of at most `max_rows`
-        rows (smaller pieces need less memory for activations and logits). Nothing changes
-        unless every piece ran: a step that raised can be run again."""
+        are left in, are stepped along and don't change). All rows run as one step, compiled or
+        graph-captured per row bucket when warmed (`server.models.static_step`); with
+        `max_rows` below the active count (after an out of memory), in eager pieces of at
+        most that many rows (smaller pieces need less
+        memory for activations and logits). Nothing changes unless every piece ran: a step
+        that raised can be run again."""
         live = self.active
         rows = max(1, min(max_rows or len(live), len(live)))
         with device_errors(self.device, f"a decode step of {len(live)} (pieces of {rows})"):
-            ids = torch.as_tensor(
-                [s.tokens[-1] if s.tokens else self.eos for s in live], device=self.device
-            )
-            pieces = [
-                self.decoder.step(ids[first : first + rows], first).float()
-                for first in range(0, len(live), rows)
-            ]
-            logits = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-            not_first = torch.zeros(len(live), dtype=torch.bool, device=self.device)
-            scores = self.suppression.apply(logits, not_first)
-            tokens, logprobs = self._pick(scores)  # reads back to the host: a sync point
+            ids = [s.tokens[-1] if s.tokens else self.eos for s in live]
+            if rows == len(live):
+                tokens, logprobs = self.runner.run(ids, self.decoder.lengths[: len(live)])
+            else:
+                tokens, logprobs = self._step_pieces(ids, rows)
         self.decoder.advance(len(live))
         self._record(live, tokens, logprobs)
+
+    def _step_pieces(self, ids: list[int], rows: int) -> tuple[list[int], list[float]]:
+        tensor = torch.as_tensor(ids, device=self.device)
+        pieces = [
+            self.decoder.step(tensor[first : first + rows], first).float()
+            for first in range(0, len(ids), rows)
+        ]
+        not_first = torch.zeros(len(ids), dtype=torch.bool, device=self.device)
+        scores = self.suppression.apply(torch.cat(pieces), not_first)
+        return self._pick(scores)  # reads back to the host: a sync point
 
     def leave(self, gone: Sequence[DecodeSequence]) -> None:
         """Free the slots of `gone`; the last active sequences move into the holes."""
@@ -534,7 +567,8 @@ class GreedyRuntime:
         """Greedy token and its log-probability per row (scores are float32)."""
         tokens = scores.argmax(dim=-1)
         logprobs = torch.log_softmax(scores, dim=-1).gather(1, tokens.unsqueeze(1))[:, 0]
-        return tokens.tolist(), logprobs.tolist()
+        rows = torch.stack([tokens.double(), logprobs.double()], dim=1).tolist()  # one transfer
+        return [int(r[0]) for r in rows], [r[1] for r in rows]
 
     def _record(self, seqs: list[DecodeSequence], tokens: list[int], logprobs: list[float]) -> None:
         rows = len(seqs)

@@ -27,6 +27,7 @@ def real_settings(model_cache: Path) -> Settings:
         max_wait_ms=20,
         max_queue_size=512,
         warmup=False,
+        compile="off",  # minutes of compiling; tests/unit/test_static_step.py covers it
     )
 
 
