@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from asr.v1 import asr_pb2
     from server.config import Settings
     from server.embedded import EmbeddedServer
-    from server.evaluation import word_error_rate
+    from loadgen.wer import word_error_rate
     from server.models.loader import load_model
 
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]

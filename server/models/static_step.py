@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.nn import functional as F
 
 from server.config import COMPILE_MODES
+from server.models.attention import attend
 
 if TYPE_CHECKING:
     from server.models.whisper_step import BatchedDecoder
@@ -164,9 +164,7 @@ class StaticStep:
             self_k, self_v = d.self_k[i], d.self_v[i]
             self_k[slots, :, positions] = d._heads(attn.k_proj(x))[:, :, 0]
             self_v[slots, :, positions] = d._heads(attn.v_proj(x))[:, :, 0]
-            out = F.scaled_dot_product_attention(
-                q, self_k[:rows], self_v[:rows], attn_mask=mask, scale=1.0
-            )
+            out = attend(q, self_k[:rows], self_v[:rows], mask)
             hidden = residual + attn.out_proj(d._merge(out))
             hidden = d._cross_and_mlp(layer, i, hidden, slice(0, rows))
         logits = d.proj_out(d.decoder.layer_norm(hidden))[:, 0].float() + self.bias

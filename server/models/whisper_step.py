@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from server.models.attention import attend
 from server.models.base import DecodeOptions, WindowResult, Word
 from server.models.device import device_errors
 from server.models.runaway import is_looping, trim_loop
@@ -186,7 +187,7 @@ class BatchedDecoder:
             self.self_v[i][slots, :, positions] = self._heads(attn.v_proj(x))[:, :, 0]
             key = self.self_k[i][rows, :, :longest]
             value = self.self_v[i][rows, :, :longest]
-            out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=1.0)
+            out = attend(q, key, value, mask)
             hidden = residual + attn.out_proj(self._merge(out))
             hidden = self._cross_and_mlp(layer, i, hidden, rows)
         return self.proj_out(self.decoder.layer_norm(hidden))[:, 0]
@@ -205,9 +206,7 @@ class BatchedDecoder:
         residual = hidden
         x = layer.encoder_attn_layer_norm(hidden)
         q = self._heads(attn.q_proj(x) * attn.scaling)
-        out = F.scaled_dot_product_attention(
-            q, self.cross_k[i][rows], self.cross_v[i][rows], scale=1.0
-        )
+        out = attend(q, self.cross_k[i][rows], self.cross_v[i][rows])
         hidden = residual + attn.out_proj(self._merge(out))
         residual = hidden
         x = layer.final_layer_norm(hidden)

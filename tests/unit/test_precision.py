@@ -19,9 +19,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 from server.batching.continuous import ContinuousEngine, EngineConfig
 from server.batching.micro import BatcherConfig, MicroBatcher
+from server.models import attention
 from server.models.base import DecodeOptions, WindowResult, WindowTask
 from server.models.device import _cpuinfo_bf16_flag, choose_dtype
 from tests.device_guard import GuardedExecutor
@@ -65,7 +67,12 @@ def worker():
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-async def test_continuous_engine_gives_generate_tokens_in_low_precision(worker, dtype) -> None:
+async def test_continuous_engine_gives_generate_tokens_in_low_precision(
+    worker, dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The engine's bookkeeping against `generate`'s exact tokens: both attend through SDPA
+    # (the plain low-precision attention is checked against SDPA below).
+    monkeypatch.setattr(attention, "PLAIN_LOW_PRECISION_ON_CPU", False)
     model = tiny(dtype)
     feats = windows(8, seed=31)
     engine = ContinuousEngine(model, worker, EngineConfig(max_active=4, max_batch_size=2))
@@ -147,3 +154,27 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
     assert _cpuinfo_bf16_flag(info) is None
     assert _cpuinfo_bf16_flag(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("queries", [1, 5])
+def test_plain_low_precision_attention_agrees_with_sdpa(dtype, queries) -> None:
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    q = torch.randn(3, 6, queries, 64, generator=gen, device="cpu").to(dtype) * 64**-0.5
+    k = torch.randn(3, 6, 1500, 64, generator=gen, device="cpu").to(dtype)
+    v = torch.randn(3, 6, 1500, 64, generator=gen, device="cpu").to(dtype)
+    mask = torch.arange(1500, device="cpu").view(1, 1, 1, -1) < torch.tensor(
+        [1500, 40, 1], device="cpu"
+    ).view(3, 1, 1, 1)  # a full row, a short one, one valid key (never NaN)
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), mask, scale=1.0)
+    for m in (None, mask):
+        plain = attention.attend(q, k, v, m)
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), m, scale=1.0)
+        fused = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=1.0)
+        assert plain.dtype == dtype and not plain.isnan().any()
+        # Within the format's rounding of the output (8 bits of mantissa in bf16), like the
+        # fused kernel, whose inputs are just as rounded.
+        bound = 2**-7 * float(want.abs().max())
+        assert float((plain.float() - want).abs().max()) <= bound
+        assert float((fused.float() - want).abs().max()) <= bound
+    assert torch.allclose(attention.attend(q, k, v, mask).float(), exact, atol=2e-2)
