@@ -37,7 +37,7 @@ from server.models.attention import attend
 from server.models.base import DecodeOptions, WindowResult, Word
 from server.models.device import device_errors
 from server.models.runaway import is_looping, trim_loop
-from server.models.static_step import StepRunner, choose_step
+from server.models.static_step import StepChoice, StepRunner, choose_step
 from server.models.whisper_align import frames_of, group_words, token_times
 from server.models.whisper_language import DETECT, detect_languages, with_language
 from server.models.whisper_tokens import (
@@ -271,7 +271,10 @@ class GreedyRuntime:
         )
         self._decoder: BatchedDecoder | None = None  # allocated on first use, on the worker
         self._runner: StepRunner | None = None
-        self.step_choice = choose_step(compile, self.device)
+        # What runs the steps is decided at warm-up (it may probe for a C++ compiler, which
+        # takes a subprocess): a runtime never warmed up decodes eagerly and probes nothing.
+        self._compile = compile
+        self._choice: StepChoice | None = None
         self.active: list[DecodeSequence] = []
         # Logit rules of the checkpoint's generation config that greedy decoding here doesn't
         # apply: with any of them, every window falls back to generate.
@@ -291,9 +294,16 @@ class GreedyRuntime:
         return self._decoder
 
     @property
+    def step_choice(self) -> StepChoice:
+        if self._choice is None:
+            self._choice = choose_step(self._compile, self.device)
+        return self._choice
+
+    @property
     def runner(self) -> StepRunner:
         if self._runner is None:
-            self._runner = StepRunner(self.decoder, self.suppression.always, self.step_choice)
+            choice = self._choice or StepChoice("eager", "no warm-up")
+            self._runner = StepRunner(self.decoder, self.suppression.always, choice)
         return self._runner
 
     def warm_steps(self) -> None:
@@ -303,14 +313,20 @@ class GreedyRuntime:
             return
         if self.active:
             raise RuntimeError("decode steps are warmed up only while nothing is decoding")
+        if self._runner is not None and self._runner.choice != self.step_choice:
+            self._runner = None  # made before warm-up, eager: made again with the choice
         self.runner.warm()
 
     @property
     def step_label(self) -> str:
         """What runs the decode steps, for the log and GetServerInfo."""
-        if self.step_choice.mode != "eager" and not (self._runner and self._runner.warmed):
+        if self._choice is None:
+            if self._compile == "off":
+                return "eager: --compile off"
             return "eager: the compiled step is built at warm-up, and there was none"
-        return self.step_choice.label
+        if self._choice.mode != "eager" and not (self._runner and self._runner.warmed):
+            return "eager: the compiled step is built at warm-up, and there was none"
+        return self._choice.label
 
     # -- prompts and options ------------------------------------------------------------
     def prompt(self, options: DecodeOptions) -> list[int] | None:
