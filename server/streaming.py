@@ -45,7 +45,10 @@ from server.recognizer import Recognition, Recognizer, Timing
 
 FRAME = 320  # 20 ms at 16 kHz: the endpointer's unit
 SPEECH_DBFS = -42.0  # a frame louder than this counts as speech for endpointing
-LEAD_IN_S = 0.5  # silence kept before the first speech of an utterance
+# Silence kept before the first speech of an utterance. The encoder sees a 30 s window
+# whatever the length, so lead-in costs nothing; cut short, it changed what Whisper heard
+# (a final differed from Recognize of the same file for a 0.1 s trim).
+LEAD_IN_S = 2.0
 MAX_UTTERANCE_S = 28.0  # finalize before Whisper's 30 s window is full
 MIN_DECODE_S = 0.02  # tiny messages are coalesced until this much audio is there
 PUSH_S = 0.1  # audio read in one go is endpointed in pieces of this, whatever the pace
@@ -57,7 +60,7 @@ class StreamSettings:
     channels: int = 1
     interim_results: bool = False
     single_utterance: bool = False
-    endpoint_silence_s: float = 0.7
+    endpoint_silence_s: float = 1.2
     interim_interval_s: float = 1.0
     options: DecodeOptions = field(default_factory=DecodeOptions)
 

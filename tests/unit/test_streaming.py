@@ -13,7 +13,7 @@ from asr.v1 import asr_pb2
 from server.config import Settings
 from server.embedded import EmbeddedServer
 from server.models.fake import FakeModel
-from server.streaming import PcmDecoder, StreamSettings, Utterance
+from server.streaming import LEAD_IN_S, PcmDecoder, StreamSettings, Utterance
 from tests.conftest import tone
 
 Config = asr_pb2.RecognitionConfig
@@ -34,7 +34,27 @@ def test_silence_alone_is_never_an_utterance_and_is_not_kept():
     u.push(np.zeros(16_000 * 5, dtype=np.float32))
     assert u.endpoint(closing=True) is None
     assert not u.wants_interim()
-    assert u.duration_s <= 0.5 and u.start_s == pytest.approx(4.5)
+    assert u.duration_s <= LEAD_IN_S and u.start_s == pytest.approx(5 - LEAD_IN_S)
+
+
+def test_the_silence_before_early_speech_is_kept_as_a_whole_file_would_have_it():
+    """Speech 1.5 s into a stream: the utterance starts at 0, like the same audio sent to
+    Recognize (a trimmed lead-in changed what Whisper transcribed)."""
+    u = Utterance(cfg())
+    u.push(np.zeros(24_000, dtype=np.float32))
+    u.push(tone(300, 1.0, 16_000))
+    samples, start = u.take(u.endpoint(closing=True) or 0)
+    assert start == 0.0 and len(samples) == 40_000
+
+
+def test_a_pause_inside_a_sentence_does_not_end_the_utterance_by_default():
+    """Read speech pauses up to about a second mid-sentence (LibriSpeech); Whisper does
+    worse on the pieces than on the sentence, so the default endpoint waits longer."""
+    u = Utterance(cfg())
+    u.push(tone(300, 1.0, 16_000))
+    u.push(np.zeros(16_000, dtype=np.float32))
+    assert u.endpoint(closing=False) is None
+    assert Settings().endpoint_silence_ms == 1000 * cfg().endpoint_silence_s > 1000
 
 
 def test_speech_then_silence_ends_an_utterance():
