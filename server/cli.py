@@ -58,6 +58,7 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     "stream-idle-timeout-s": (float, "a stream silent on the wire this long ends, seconds"),
     "endpoint-silence-ms": (int, "default silence after speech that ends an utterance, ms"),
     "interim-interval-ms": (int, "default new audio between interim re-decodes, ms"),
+    "malloc-trim-s": (float, "return freed heap memory to the OS every this many s (0: never)"),
     # security and connection limits
     "metrics-host": (str, "address of the metrics endpoint (empty: --host)"),
     "tls-cert": (lambda v: _optional_path(v), "PEM certificate chain: serve TLS (with --tls-key)"),

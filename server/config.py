@@ -115,6 +115,10 @@ class Settings:
     LibriSpeech test-other files mid-sentence, 1200 ms 4."""
     interim_interval_ms: int = bounded(1000, 200, 10_000)
     """Default new audio between interim re-decodes, 200..10000 ms."""
+    malloc_trim_s: float = bounded(30.0, 0, 3600)
+    """Every this many seconds, return the heap memory freed since to the OS (glibc
+    `malloc_trim`), so RSS follows what is in use rather than the high-water mark of every
+    allocator arena, 0..3600 s; 0: never."""
 
     # -- security and connection limits ---------------------------------------------------
     metrics_host: str = ""
