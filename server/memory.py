@@ -1,4 +1,4 @@
-"""Giving freed heap memory back to the operating system.
+"""Giving freed heap memory back to the operating system: glibc malloc's settings and trim.
 
 What grows in a long-running server is not Python objects (tracemalloc stays flat, about
 3 MiB of traced growth over a soak) but glibc's heap: torch frees a step's activations and a
@@ -7,6 +7,12 @@ the worker, the gRPC and the asyncio threads each hold some, and glibc's dynamic
 threshold moves large tensors from mmap (returned on free) into those arenas. Measured under
 the soak's load (tiny.en, bf16): after warm-up about 250 MiB of an RSS near 1 GiB was free
 heap memory still mapped, and it crept up as allocation sizes varied.
+
+Two settings of glibc's malloc, made at start-up (`tune_malloc`), keep that free memory from
+building up: a fixed mmap threshold (blocks from `malloc_mmap_threshold_kb` up are mapped
+apart and unmapped when freed, as they are before glibc raises its threshold) and at most
+`malloc_arena_max` arenas (fewer heaps, each reused more). Measured under the same load:
+free heap memory 2-15 MiB instead of 250-290 MiB, RSS about 250 MiB lower.
 
 `malloc_trim(0)` returns the free pages of every arena (not only the top of the main heap) to
 the OS. `HeapTrimmer` calls it every `malloc_trim_s` seconds from a thread of its own, off the
@@ -38,6 +44,28 @@ def _load_trim() -> Callable[[int], int] | None:
 
 
 _TRIM = _load_trim()
+# mallopt parameters (malloc.h)
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+
+
+def tune_malloc(mmap_threshold_kb: int, arena_max: int) -> bool:
+    """Set glibc's mmap threshold and arena cap (0: leave glibc's default), before the
+    server starts its threads. False where this libc has no mallopt."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        log.info("mallopt is not available in this libc: malloc keeps its defaults")
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    ok = True
+    if mmap_threshold_kb:
+        ok = mallopt(M_MMAP_THRESHOLD, mmap_threshold_kb * 1024) == 1 and ok
+    if arena_max:
+        ok = mallopt(M_ARENA_MAX, arena_max) == 1 and ok
+    return ok
 
 
 def malloc_trim() -> bool:
