@@ -38,7 +38,7 @@ class Pair:
     unary: str
     stream: str
     utterances: int  # finals of the stream
-    unequal_finals: list[tuple[str, str]]  # (final, unary of the final's audio) that differ
+    unequal_finals: list[tuple[str, str]]  # (final, Recognize of its audio), normalized unequal
 
 
 def unary(stub: asr_pb2_grpc.SpeechStub, item: Item) -> str:
@@ -95,6 +95,8 @@ def compare(
 ) -> list[Pair]:
     """Unary transcripts one file at a time, then the streams `streams` at a time, then each
     final against Recognize of its own audio."""
+    from server.evaluation import normalize
+
     with grpc.insecure_channel(address) as channel:
         stub = asr_pb2_grpc.SpeechStub(channel)
         unaries = [unary(stub, item) for item in items]
@@ -110,7 +112,7 @@ def compare(
                     text.strip(),
                     " ".join(f.text for f in fs if f.text),
                     len(fs),
-                    [(a, b) for a, b in own if a != b],
+                    [(a, b) for a, b in own if normalize(a) != normalize(b)],
                 )
             )
     return pairs

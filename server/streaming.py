@@ -8,11 +8,14 @@ the same micro-batch as unary requests and other streams, so many streams share 
 
 Interim text doesn't flicker: a word prefix is committed once two consecutive decodes agree
 on it (LocalAgreement-2), and later interims always start with the committed words; `stability`
-is the committed share of the interim text. Each decode after the first passes the last
+is the committed share of the interim text. Each interim after the first passes the last
 interim's tokens as `DecodeOptions.draft`: the continuous engine verifies them in one pass and
-decodes step by step only from the first token the model disagrees with, so a re-decode (and a
-final) costs an encoder pass and a few steps, with the transcript of a plain decode. Only the
-worker thread touches the model: this module only awaits the shared Recognizer.
+decodes step by step only from the first token the model disagrees with, so a re-decode costs
+an encoder pass and a few steps. A final is a plain decode of the utterance's audio, with no
+draft, so it is exactly what Recognize gives for that audio: a draft's keys and values come
+from one pass over many tokens, whose arithmetic differs from a step's in the last bits, and in
+bf16 that decided near-ties later in the transcript (1 of 40 test-other files differed). Only
+the worker thread touches the model: this module only awaits the shared Recognizer.
 
 Tasks per stream: a reader that pulls audio off the wire (and stops pulling when `buffer_s`
 of audio is waiting, so gRPC flow control slows a client sending faster than real time), the
@@ -461,9 +464,9 @@ async def _finals(
 ) -> AsyncIterator[StreamEvent]:
     """Finals for every endpoint in the audio so far (then END_OF_SINGLE_UTTERANCE if asked)."""
     while (cut := utterance.endpoint(closing)) is not None:
-        options = utterance.with_draft(cfg.options)  # verified: the final is still the audio's
         samples, start_s = utterance.take(cut)
-        result = await recognizer.recognize_samples(samples, options, offset_s=start_s)
+        # No draft: the final is the unary transcript of its audio (see the module doc).
+        result = await recognizer.recognize_samples(samples, cfg.options, offset_s=start_s)
         if result.text:
             end_s = start_s + len(samples) / SAMPLE_RATE
             language = result.segments[0].language

@@ -18,8 +18,7 @@ prompt from the generation config, the suppress rules, the stop condition (end-o
 max_new_tokens), and the no-speech probability and confidence `WhisperModel` reports. A
 draft of the transcript (`DecodeOptions.draft`: a stream's last interim tokens) is verified in the
 prompt's prefill pass, as in speculative decoding: the tokens greedy decoding agrees with are
-kept and only the rest is decoded step by step, with the same result (near-ties are left to the
-steps: see `GreedyRuntime._verify`).
+kept and only the rest is decoded step by step, with the same result.
 
 Only the model worker thread uses these.
 """
@@ -44,10 +43,6 @@ from server.models.whisper_tokens import (
     no_speech_id,
     no_speech_probs,
 )
-
-# Logit lead (nats) of the model's choice over the runner-up for a draft token to be kept
-# without a step: a prefill pass and a step differ by well under this (bf16 included).
-DRAFT_MARGIN = 1.0
 
 
 @dataclass(frozen=True)
@@ -396,26 +391,14 @@ class GreedyRuntime:
     def _verify(self, seq: DecodeSequence, draft: list[int], logits: torch.Tensor) -> torch.Tensor:
         """Keep the draft tokens greedy decoding agrees with (into seq.tokens); return the
         processed scores at the first position left to choose. `logits` (len(draft) + 1,
-        vocab) are those after the prompt's last token and after each draft token.
-
-        A draft token is kept only when the model prefers it by DRAFT_MARGIN over the
-        runner-up: the pass's logits are not bit-equal to those of a step (other matmul
-        shapes; in bf16 the difference decides near-ties), so a near-tie is left to a step,
-        the same arithmetic as a plain decode, and the result stays the transcript of the
-        audio rather than the draft's. Likewise a near-tie at the first position left to
-        choose: the last kept token is given back so that a step recomputes that choice."""
+        vocab) are those after the prompt's last token and after each draft token."""
         first = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
         first[0] = True  # begin_suppress_tokens apply at the first generated position only
         scores = self.suppression.apply(logits, first)
-        top = scores.topk(2, dim=-1)
-        choices = top.indices[:, 0].tolist()
-        clear = (top.values[:, 0] - top.values[:, 1] >= DRAFT_MARGIN).tolist()
+        choices = scores.argmax(dim=-1).tolist()
         kept = 0
-        limit = min(len(draft), seq.max_new_tokens - 1)
-        while kept < limit and choices[kept] == draft[kept] and clear[kept]:
+        while kept < min(len(draft), seq.max_new_tokens - 1) and choices[kept] == draft[kept]:
             kept += 1
-        if kept and not clear[kept]:
-            kept -= 1
         if kept:
             logp = torch.log_softmax(scores[:kept], dim=-1)
             index = torch.as_tensor(draft[:kept], device=scores.device).unsqueeze(1)

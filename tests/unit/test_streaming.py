@@ -263,6 +263,44 @@ class ScriptedRecognizer:
         return Recognition([segment], Timing(0.0, 0.0, 0.0, 1, seconds, 1))
 
 
+class RecordingRecognizer:
+    """Answers every decode at once with the same tokens; records each call's draft."""
+
+    backlogged = False
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[bool, tuple[int, ...]]] = []
+
+    async def recognize_samples(self, samples, options, background=False, offset_s=0.0):
+        from server.recognizer import Recognition, Segment, Timing
+
+        self.calls.append((background, options.draft))
+        seconds = len(samples) / 16_000
+        segment = Segment("w", offset_s, offset_s + seconds, "en", 0.9, 0.0, (), (7, 8, 9))
+        return Recognition([segment], Timing(0.0, 0.0, 0.0, 1, seconds, 1))
+
+
+async def test_interims_reuse_drafts_and_finals_decode_plainly():
+    """A draft verified in one pass can tip a near-tie (bf16) where a plain decode doesn't:
+    interims take the last interim's tokens as a draft, a final never does, so it is the
+    unary transcript of its audio."""
+    from server.streaming import _finals, _Interim
+
+    recognizer = RecordingRecognizer()
+    settings = cfg(interim_results=True, interim_interval_s=0.5)
+    u = Utterance(settings)
+    u.push(tone(300, 1.0, 16_000))
+    first = _Interim.start(u, recognizer, settings)  # type: ignore[arg-type]
+    await first.task
+    first.event(u)
+    assert u.last_tokens == (7, 8, 9)
+    second = _Interim.start(u, recognizer, settings)  # type: ignore[arg-type]
+    await second.task
+    finals = [e async for e in _finals(u, recognizer, settings, closing=True)]  # type: ignore[arg-type]
+    assert len(finals) == 1 and finals[0].result is not None and finals[0].result.is_final
+    assert recognizer.calls == [(True, ()), (True, (7, 8, 9)), (False, ())]
+
+
 async def test_a_final_cancels_the_running_interim_instead_of_waiting_for_it():
     import asyncio
 
