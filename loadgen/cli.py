@@ -13,6 +13,7 @@ In process (torch and transformers load for these alone; each has its own --help
     engines    continuous against generate engine against in-process generate
     precision  float32 against bfloat16, unary and real-time streams
     decode     the decode step benchmark (loadgen.decode_bench)
+    finals     stream finals against Recognize on the same files (WER, differing transcripts)
     neighbour  a neighbour's latency beside beam search / word times; detection throughput
     gpu-pack   pack what the first-GPU check needs;  gpu-check  run it
 
@@ -52,6 +53,7 @@ PASS_THROUGH = {
     "precision": ("loadgen.inprocess.precision", "float32 vs bfloat16, unary and streams"),
     "soak": ("loadgen.soak", "minutes of mixed load: RSS series, errors, growth verdict"),
     "decode": ("loadgen.decode_bench", "the decode step benchmark"),
+    "finals": ("loadgen.finals", "stream finals against unary transcripts of the same files"),
     "neighbour": (
         "loadgen.inprocess.neighbour",
         "what beam search or word times cost others",

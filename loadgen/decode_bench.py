@@ -129,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from asr.v1 import asr_pb2
+    from loadgen.wer import word_error_rate
     from server.config import Settings
     from server.embedded import EmbeddedServer
-    from loadgen.wer import word_error_rate
     from server.models.loader import load_model
 
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]

@@ -33,6 +33,7 @@ from server.calls import OpenCalls
 from server.config import Settings
 from server.health_watch import ClosingHealthServicer
 from server.interceptors import ErrorInterceptor
+from server.memory import HeapTrimmer
 from server.metrics import Metrics
 from server.models.base import SpeechModel
 from server.recognizer import Recognizer, SpeechGate
@@ -77,6 +78,7 @@ class ServerHandle:
     # engine loop): `run()` then drains and exits with EXIT_UNRECOVERABLE.
     failed: asyncio.Event = field(default_factory=asyncio.Event)
     failure: Exception | None = None
+    trimmer: HeapTrimmer | None = None
 
     def on_fatal(self, error: Exception) -> None:
         """The batcher can't go on (called on the event loop): NOT_SERVING at once, so
@@ -97,6 +99,7 @@ class ServerHandle:
         batcher = build_batcher(s, model, self.worker, self.metrics.observe_batch, self.on_fatal)
         self.batcher = batcher
         batcher.start()
+        self.trimmer = HeapTrimmer(s.malloc_trim_s).start()
         self.metrics.queue_depth.set_function(lambda: batcher.depth)
         self.metrics.watch_engine(batcher.stats)
         self.metrics.watch_steps(getattr(batcher, "step_times", None))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from server.config import Settings, SettingsError
+from server.memory import tune_malloc
 
 ENV_PREFIX = "WHISPER_GRPC_"
 
@@ -60,6 +61,9 @@ _FLAGS: dict[str, tuple[Any, str]] = {
     "stream-idle-timeout-s": (float, "a stream silent on the wire this long ends, seconds"),
     "endpoint-silence-ms": (int, "default silence after speech that ends an utterance, ms"),
     "interim-interval-ms": (int, "default new audio between interim re-decodes, ms"),
+    "malloc-mmap-threshold-kb": (int, "glibc: blocks this large are unmapped when freed (0: auto)"),
+    "malloc-arena-max": (int, "glibc: most malloc arenas (0: glibc's default)"),
+    "malloc-trim-s": (float, "return freed heap memory to the OS every this many s (0: never)"),
     # security and connection limits
     "metrics-host": (str, "address of the metrics endpoint (empty: --host)"),
     "tls-cert": (lambda v: _optional_path(v), "PEM certificate chain: serve TLS (with --tls-key)"),
@@ -139,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # Before any thread starts (gRPC, torch): arenas are made per thread on first use.
+    tune_malloc(settings.malloc_mmap_threshold_kb, settings.malloc_arena_max)
     return asyncio.run(_run(settings))
 
 

@@ -8,11 +8,14 @@ the same micro-batch as unary requests and other streams, so many streams share 
 
 Committed words stay: a word prefix is committed once two consecutive decodes agree on it
 (LocalAgreement-2), and later interims always start with the committed words (the words after
-them may still change); `stability` is the committed share of the interim text. Each decode
+them may still change); `stability` is the committed share of the interim text. Each interim
 after the first passes the last interim's tokens as `DecodeOptions.draft`: the continuous engine
 verifies them in one pass and decodes step by step only from the first token the model disagrees
-with, so a re-decode (and a final) costs an encoder pass and a few steps, with the transcript of
-a plain decode. Only the worker thread touches the model: this module only awaits the shared
+with, so a re-decode costs an encoder pass and a few steps. A final is a plain decode of the
+utterance's audio, with no draft, so it is exactly what Recognize gives for that audio: a draft's
+keys and values come from one pass over many tokens, whose arithmetic differs from a step's in
+the last bits, and in bf16 that decided near-ties later in the transcript (1 of 40 test-other
+files differed). Only the worker thread touches the model: this module only awaits the shared
 Recognizer.
 
 Tasks per stream: a reader that pulls audio off the wire (and stops pulling when `buffer_s`
@@ -46,7 +49,10 @@ from server.recognizer import Recognition, Recognizer, Timing
 
 FRAME = 320  # 20 ms at 16 kHz: the endpointer's unit
 SPEECH_DBFS = -42.0  # a frame louder than this counts as speech for endpointing
-LEAD_IN_S = 0.5  # silence kept before the first speech of an utterance
+# Silence kept before the first speech of an utterance. The encoder sees a 30 s window
+# whatever the length, so lead-in costs nothing; cut short, it changed what Whisper heard
+# (a final differed from Recognize of the same file for a 0.1 s trim).
+LEAD_IN_S = 2.0
 MAX_UTTERANCE_S = 28.0  # finalize before Whisper's 30 s window is full
 MIN_DECODE_S = 0.02  # tiny messages are coalesced until this much audio is there
 PUSH_S = 0.1  # audio read in one go is endpointed in pieces of this, whatever the pace
@@ -58,7 +64,7 @@ class StreamSettings:
     channels: int = 1
     interim_results: bool = False
     single_utterance: bool = False
-    endpoint_silence_s: float = 0.7
+    endpoint_silence_s: float = 1.2
     interim_interval_s: float = 1.0
     options: DecodeOptions = field(default_factory=DecodeOptions)
 
@@ -459,9 +465,9 @@ async def _finals(
 ) -> AsyncIterator[StreamEvent]:
     """Finals for every endpoint in the audio so far (then END_OF_SINGLE_UTTERANCE if asked)."""
     while (cut := utterance.endpoint(closing)) is not None:
-        options = utterance.with_draft(cfg.options)  # verified: the final is still the audio's
         samples, start_s = utterance.take(cut)
-        result = await recognizer.recognize_samples(samples, options, offset_s=start_s)
+        # No draft: the final is the unary transcript of its audio (see the module doc).
+        result = await recognizer.recognize_samples(samples, cfg.options, offset_s=start_s)
         if result.text:
             end_s = start_s + len(samples) / SAMPLE_RATE
             language = result.segments[0].language

@@ -94,6 +94,36 @@ def test_streams_reuse_their_interims_as_drafts(served) -> None:
     )
 
 
+def test_a_stream_final_is_the_unary_result_of_the_same_audio(served) -> None:
+    """Silence before the speech and a pause of 0.9 s inside it, sent live with interims
+    (drafts): one final, equal to Recognize of the same samples. Before, the lead-in was
+    trimmed and the pause ended an utterance, so the model heard different audio."""
+    stub = served.stub()
+    samples = np.concatenate(
+        [np.zeros(24_000, np.float32), noise(1.0, seed=5), np.zeros(14_400, np.float32),
+         noise(1.0, seed=6)]
+    )  # fmt: skip
+    pcm = (samples * 32767).astype("<i2").tobytes()
+    config = asr_pb2.RecognitionConfig(
+        encoding=asr_pb2.RecognitionConfig.LINEAR16, sample_rate_hertz=16_000
+    )
+    streaming = asr_pb2.StreamingRecognitionConfig(
+        config=config, interim_results=True, interim_interval_ms=500
+    )
+
+    def chunks():
+        yield asr_pb2.StreamingRecognizeRequest(streaming_config=streaming)
+        for i in range(0, len(pcm), 3200):
+            yield asr_pb2.StreamingRecognizeRequest(audio_content=pcm[i : i + 3200])
+
+    responses = list(stub.StreamingRecognize(chunks(), timeout=120))
+    finals = [r for resp in responses for r in resp.results if r.is_final]
+    audio = asr_pb2.RecognitionAudio(content=wav_bytes(samples, 16_000))
+    unary = stub.Recognize(asr_pb2.RecognizeRequest(audio=audio), timeout=60)
+    assert len(finals) == 1 and finals[0].result_start_time.ToNanoseconds() == 0
+    assert finals[0].alternatives[0].transcript == unary.results[0].alternatives[0].transcript
+
+
 def test_a_deadline_passing_mid_decode_fails_only_that_call(served) -> None:
     assert served.handle is not None and served.handle.batcher is not None
     gate = HoldFirstStep(served.handle.batcher)  # type: ignore[arg-type]

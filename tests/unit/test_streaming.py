@@ -13,7 +13,7 @@ from asr.v1 import asr_pb2
 from server.config import Settings
 from server.embedded import EmbeddedServer
 from server.models.fake import FakeModel
-from server.streaming import PcmDecoder, StreamSettings, Utterance
+from server.streaming import LEAD_IN_S, PcmDecoder, StreamSettings, Utterance
 from tests.conftest import tone
 
 Config = asr_pb2.RecognitionConfig
@@ -34,7 +34,27 @@ def test_silence_alone_is_never_an_utterance_and_is_not_kept():
     u.push(np.zeros(16_000 * 5, dtype=np.float32))
     assert u.endpoint(closing=True) is None
     assert not u.wants_interim()
-    assert u.duration_s <= 0.5 and u.start_s == pytest.approx(4.5)
+    assert u.duration_s <= LEAD_IN_S and u.start_s == pytest.approx(5 - LEAD_IN_S)
+
+
+def test_the_silence_before_early_speech_is_kept_as_a_whole_file_would_have_it():
+    """Speech 1.5 s into a stream: the utterance starts at 0, like the same audio sent to
+    Recognize (a trimmed lead-in changed what Whisper transcribed)."""
+    u = Utterance(cfg())
+    u.push(np.zeros(24_000, dtype=np.float32))
+    u.push(tone(300, 1.0, 16_000))
+    samples, start = u.take(u.endpoint(closing=True) or 0)
+    assert start == 0.0 and len(samples) == 40_000
+
+
+def test_a_pause_inside_a_sentence_does_not_end_the_utterance_by_default():
+    """Read speech pauses up to about a second mid-sentence (LibriSpeech); Whisper does
+    worse on the pieces than on the sentence, so the default endpoint waits longer."""
+    u = Utterance(cfg())
+    u.push(tone(300, 1.0, 16_000))
+    u.push(np.zeros(16_000, dtype=np.float32))
+    assert u.endpoint(closing=False) is None
+    assert Settings().endpoint_silence_ms == 1000 * cfg().endpoint_silence_s > 1000
 
 
 def test_speech_then_silence_ends_an_utterance():
@@ -241,6 +261,44 @@ class ScriptedRecognizer:
         seconds = len(samples) / 16_000
         segment = Segment(f"{seconds:.1f} s", offset_s, offset_s + seconds, "en", 0.9, 0.0, ())
         return Recognition([segment], Timing(0.0, 0.0, 0.0, 1, seconds, 1))
+
+
+class RecordingRecognizer:
+    """Answers every decode at once with the same tokens; records each call's draft."""
+
+    backlogged = False
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[bool, tuple[int, ...]]] = []
+
+    async def recognize_samples(self, samples, options, background=False, offset_s=0.0):
+        from server.recognizer import Recognition, Segment, Timing
+
+        self.calls.append((background, options.draft))
+        seconds = len(samples) / 16_000
+        segment = Segment("w", offset_s, offset_s + seconds, "en", 0.9, 0.0, (), (7, 8, 9))
+        return Recognition([segment], Timing(0.0, 0.0, 0.0, 1, seconds, 1))
+
+
+async def test_interims_reuse_drafts_and_finals_decode_plainly():
+    """A draft verified in one pass can tip a near-tie (bf16) where a plain decode doesn't:
+    interims take the last interim's tokens as a draft, a final never does, so it is the
+    unary transcript of its audio."""
+    from server.streaming import _finals, _Interim
+
+    recognizer = RecordingRecognizer()
+    settings = cfg(interim_results=True, interim_interval_s=0.5)
+    u = Utterance(settings)
+    u.push(tone(300, 1.0, 16_000))
+    first = _Interim.start(u, recognizer, settings)  # type: ignore[arg-type]
+    await first.task
+    first.event(u)
+    assert u.last_tokens == (7, 8, 9)
+    second = _Interim.start(u, recognizer, settings)  # type: ignore[arg-type]
+    await second.task
+    finals = [e async for e in _finals(u, recognizer, settings, closing=True)]  # type: ignore[arg-type]
+    assert len(finals) == 1 and finals[0].result is not None and finals[0].result.is_final
+    assert recognizer.calls == [(True, ()), (True, (7, 8, 9)), (False, ())]
 
 
 async def test_a_final_cancels_the_running_interim_instead_of_waiting_for_it():
