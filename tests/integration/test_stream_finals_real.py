@@ -9,7 +9,7 @@ import pytest
 
 from loadgen.dataset import load_dataset
 from loadgen.finals import compare
-from server.evaluation import normalize
+from loadgen.wer import normalize
 from tests.conftest import LIBRISPEECH, require_data
 
 FILES = ("2414-128291-0006", "3331-159605-0009", "3080-5032-0008", "2033-164914-0007")

@@ -289,7 +289,7 @@ def finals_of(served, messages: list[Req]) -> list[tuple[int, int]]:
 
 
 def test_audio_sent_at_once_is_endpointed_as_if_it_came_in_real_time(served):
-    gap = np.zeros(16_000, dtype=np.float32)
+    gap = np.zeros(32_000, dtype=np.float32)  # 2 s: past the endpointer's 1.2 s
     audio = pcm(np.concatenate([tone(300, 2.0, 16_000), gap] * 3))
     at_once = finals_of(served, [config_message(), Req(audio_content=audio)])
     paced = finals_of(

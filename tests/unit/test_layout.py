@@ -17,12 +17,17 @@ def module_name(path: Path) -> str:
 
 def imports(path: Path) -> set[str]:
     """Modules `path` imports, at any depth (function-level imports count: a cycle through a
-    lazy import still ties two modules together)."""
+    lazy import still ties two modules together), except under `if TYPE_CHECKING:` (names
+    for annotations only, never imported at run time)."""
     found = set()
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = []
     package = (
         module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else module_name(path)
     )
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):

@@ -122,6 +122,7 @@ def _retained_mib(mode: str) -> float:
 
 
 @glibc
+@pytest.mark.slow  # a Python subprocess: a fresh heap to measure
 def test_a_fixed_mmap_threshold_returns_freed_tensors_at_once() -> None:
     """With glibc's dynamic threshold, 2 MiB blocks freed between kept ones stay mapped (RSS
     holds about the whole burst); with the server's settings only the kept blocks do."""

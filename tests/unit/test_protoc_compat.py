@@ -88,6 +88,7 @@ def _gen_protos():
     return module
 
 
+@pytest.mark.slow  # runs protoc
 def test_the_protos_compile_with_the_system_protoc(tmp_path):
     protoc = shutil.which("protoc")
     if protoc is None:
