@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import logging
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ log = logging.getLogger(__name__)
 
 def _load_trim() -> Callable[[int], int] | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the running process: its libc, no ldconfig subprocess
         trim = libc.malloc_trim
     except (OSError, AttributeError):
         return None
@@ -54,7 +53,7 @@ def tune_malloc(mmap_threshold_kb: int, arena_max: int) -> bool:
     """Set glibc's mmap threshold and arena cap (0: leave glibc's default), before the
     server starts its threads. False where this libc has no mallopt."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the running process: its libc, no ldconfig subprocess
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         log.info("mallopt is not available in this libc: malloc keeps its defaults")
