@@ -50,6 +50,25 @@ def request(seconds: float = 2.0, seed: int = 0) -> asr_pb2.RecognizeRequest:
     return asr_pb2.RecognizeRequest(audio=audio)
 
 
+def stream_finals(stub: asr_pb2_grpc.SpeechStub, samples: np.ndarray) -> list:
+    """The final results of `samples` sent as a live stream in 100 ms chunks, with interims."""
+    pcm = (samples * 32767).astype("<i2").tobytes()
+    config = asr_pb2.RecognitionConfig(
+        encoding=asr_pb2.RecognitionConfig.LINEAR16, sample_rate_hertz=16_000
+    )
+    streaming = asr_pb2.StreamingRecognitionConfig(
+        config=config, interim_results=True, interim_interval_ms=500
+    )
+
+    def chunks():
+        yield asr_pb2.StreamingRecognizeRequest(streaming_config=streaming)
+        for i in range(0, len(pcm), 3200):
+            yield asr_pb2.StreamingRecognizeRequest(audio_content=pcm[i : i + 3200])
+
+    responses = list(stub.StreamingRecognize(chunks(), timeout=120))
+    return [r for resp in responses for r in resp.results if r.is_final]
+
+
 def test_the_default_engine_serves_unary_calls(served) -> None:
     stub = served.stub()
     info = stub.GetServerInfo(asr_pb2.GetServerInfoRequest(), timeout=30)
@@ -68,21 +87,7 @@ def test_streams_reuse_their_interims_as_drafts(served) -> None:
     forced): the final equals a unary call on the same audio."""
     stub = served.stub()
     samples = noise(3.0, seed=2)
-    pcm = (samples * 32767).astype("<i2").tobytes()
-    config = asr_pb2.RecognitionConfig(
-        encoding=asr_pb2.RecognitionConfig.LINEAR16, sample_rate_hertz=16_000
-    )
-    streaming = asr_pb2.StreamingRecognitionConfig(
-        config=config, interim_results=True, interim_interval_ms=500
-    )
-
-    def chunks():
-        yield asr_pb2.StreamingRecognizeRequest(streaming_config=streaming)
-        for i in range(0, len(pcm), 3200):
-            yield asr_pb2.StreamingRecognizeRequest(audio_content=pcm[i : i + 3200])
-
-    responses = list(stub.StreamingRecognize(chunks(), timeout=120))
-    finals = [r for resp in responses for r in resp.results if r.is_final]
+    finals = stream_finals(stub, samples)
     unary = stub.Recognize(
         asr_pb2.RecognizeRequest(
             audio=asr_pb2.RecognitionAudio(content=wav_bytes(samples, 16_000))
@@ -103,21 +108,7 @@ def test_a_stream_final_is_the_unary_result_of_the_same_audio(served) -> None:
         [np.zeros(24_000, np.float32), noise(1.0, seed=5), np.zeros(14_400, np.float32),
          noise(1.0, seed=6)]
     )  # fmt: skip
-    pcm = (samples * 32767).astype("<i2").tobytes()
-    config = asr_pb2.RecognitionConfig(
-        encoding=asr_pb2.RecognitionConfig.LINEAR16, sample_rate_hertz=16_000
-    )
-    streaming = asr_pb2.StreamingRecognitionConfig(
-        config=config, interim_results=True, interim_interval_ms=500
-    )
-
-    def chunks():
-        yield asr_pb2.StreamingRecognizeRequest(streaming_config=streaming)
-        for i in range(0, len(pcm), 3200):
-            yield asr_pb2.StreamingRecognizeRequest(audio_content=pcm[i : i + 3200])
-
-    responses = list(stub.StreamingRecognize(chunks(), timeout=120))
-    finals = [r for resp in responses for r in resp.results if r.is_final]
+    finals = stream_finals(stub, samples)
     audio = asr_pb2.RecognitionAudio(content=wav_bytes(samples, 16_000))
     unary = stub.Recognize(asr_pb2.RecognizeRequest(audio=audio), timeout=60)
     assert len(finals) == 1 and finals[0].result_start_time.ToNanoseconds() == 0
