@@ -27,9 +27,12 @@ from tests.random_whisper import make_random_checkpoint
 MAX_NEW_TOKENS = 6
 
 
-def load(tiny_en_dir: Path, out: Path, multilingual: bool = False, dtype: str = "float32"):
+def load(
+    tiny_en_dir: Path, out: Path, multilingual: bool = False, dtype: str = "float32",
+    max_new_tokens: int = MAX_NEW_TOKENS,
+):  # fmt: skip
     path = make_random_checkpoint(tiny_en_dir, out, multilingual)
-    return WhisperModel(str(path), "random-tiny", "cpu", dtype, max_new_tokens=MAX_NEW_TOKENS)
+    return WhisperModel(str(path), "random-tiny", "cpu", dtype, max_new_tokens=max_new_tokens)
 
 
 @pytest.fixture(scope="module")

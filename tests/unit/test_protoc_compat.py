@@ -5,10 +5,8 @@ grpcio-tools accept."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from importlib import resources
@@ -19,6 +17,7 @@ from google.protobuf import descriptor_pb2
 
 from asr.v1 import asr_pb2
 from asr.vendors import google_speech_pb2, riva_asr_pb2, riva_audio_pb2
+from tests.unit.test_protos import _generator
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPILED = [asr_pb2, google_speech_pb2, riva_audio_pb2, riva_asr_pb2]
@@ -79,22 +78,13 @@ def test_the_check_finds_the_clash_protoc_3_refuses():
     assert json_name("max_stream_duration_s") == "maxStreamDurationS"
 
 
-def _gen_protos():
-    spec = importlib.util.spec_from_file_location("gen_protos", ROOT / "scripts" / "gen_protos.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gen_protos"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow  # runs protoc
 def test_the_protos_compile_with_the_system_protoc(tmp_path):
     protoc = shutil.which("protoc")
     if protoc is None:
         pytest.skip("no protoc on PATH (Debian/Ubuntu: apt-get install protobuf-compiler)")
     version = subprocess.run([protoc, "--version"], capture_output=True, text=True, check=True)
-    gen = _gen_protos()
+    gen = _generator()
     well_known = resources.files("grpc_tools") / "_proto"
     with tempfile.TemporaryDirectory() as include:
         done = subprocess.run(

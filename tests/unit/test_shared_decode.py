@@ -20,7 +20,6 @@ from server.models.whisper import WhisperModel
 from server.models.whisper_align import dynamic_time_warping
 from server.models.whisper_language import detect_languages
 from server.models.whisper_step import GreedyRuntime
-from tests.random_whisper import make_random_checkpoint
 from tests.unit.test_continuous import (  # noqa: F401 - one_thread: an autouse fixture
     EN,
     EOS,
@@ -31,6 +30,7 @@ from tests.unit.test_continuous import (  # noqa: F401 - one_thread: an autouse 
     reference,
     windows,
 )
+from tests.unit.test_placement import load as random_whisper
 
 
 @pytest.fixture
@@ -112,8 +112,8 @@ def test_detection_beside_a_given_language_in_one_join() -> None:
 
 # -- the real WhisperModel with random weights: detection and word times -----------------------
 def load(tiny_en_dir: Path, out: Path, multilingual: bool = False) -> WhisperModel:
-    path = make_random_checkpoint(tiny_en_dir, out, multilingual)
-    return WhisperModel(str(path), "random-tiny", "cpu", "float32", max_new_tokens=24)
+    model: WhisperModel = random_whisper(tiny_en_dir, out, multilingual, max_new_tokens=24)
+    return model
 
 
 @pytest.fixture(scope="module")
