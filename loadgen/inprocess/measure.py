@@ -121,9 +121,11 @@ class InProcess:
 
 def served_settings(**overrides: Any) -> Settings:
     """A server measured against `generate`: speech gates off (every file is decoded, as
-    `generate` does), no warm-up of its own (the runner warms), a deep queue."""
+    `generate` does), a deep queue, and the server's own warm-up before it says SERVING (as
+    shipped: with `--compile auto` that compiles the decode step of every row bucket; without
+    it every step would run eager, and the study would not measure the server users run)."""
     base: dict[str, Any] = dict(
-        max_queue_size=1024, no_speech_threshold=1.0, silence_dbfs=-200.0, warmup=False,
+        max_queue_size=1024, no_speech_threshold=1.0, silence_dbfs=-200.0, warmup=True,
         metrics_port=-1,
     )  # fmt: skip
     return Settings(**{**base, **overrides})
@@ -139,6 +141,7 @@ class Served:
         self.server = EmbeddedServer(settings, model).start()
         self.row = Row(name or f"{settings.engine} engine, concurrency {concurrency}")
         self.warm = False
+        self.decode_step = ""  # how the server ran its decode steps (known at close)
 
     async def run(self, clips: Sequence[Clip], indices: Sequence[int]) -> None:
         row = self.row
@@ -174,8 +177,10 @@ class Served:
         batcher = self.server.handle.batcher if self.server.handle else None
         stats = getattr(batcher, "stats", None)
         s = stats() if callable(stats) else None
+        self.decode_step = str(getattr(batcher, "decode_step", "") or "")
         if s is not None:  # the generate engine keeps no such counters (stats() is None)
             self.row.note = (
+                f"decode step {self.decode_step}; "
                 f"mean decode batch {s.step_rows / max(1, s.decode_steps):.1f}, "
                 f"{s.encoder_windows / max(1, s.encoder_batches):.1f} windows per encoder "
                 f"call; encode {s.join_s:.0f} s, decode {s.decode_s:.0f} s"

@@ -126,6 +126,7 @@ async def study_model(
             await served.run(clips, work)
         finally:
             served.close()
+        info["decode_step"] = served.decode_step
         rows.append(study_row(name, info["dtype"], "server", b, served.row, clips))
         log.warning("%s %s server c%d: %.3f s per file", name, info["dtype"], b,
                     rows[-1].s_per_file)  # fmt: skip
