@@ -17,7 +17,7 @@ DATASET ?= sample
 STAMP_TIME := $(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: help install model serve test test-fast lint typecheck buf pytest docs protos loadtest \
-	study bench-engines bench-precision bench-decode soak fuzz-long gpu-pack gpu-check \
+	study bench-engines bench-precision languages bench-decode soak fuzz-long gpu-pack gpu-check \
 	gpu-rehearsal gpu-rehearsal-env images freeze clean
 
 help: ## this list
@@ -102,6 +102,11 @@ bench-engines: model ## continuous vs generate engine vs in-process generate on 
 
 bench-precision: model ## float32 vs bfloat16 on this CPU, unary and real-time streams
 	$(PY) -m loadgen precision --dataset '$(DATASET)' --model $(MODEL)
+
+LANGUAGES_MODEL ?= base
+languages: install ## the language LANGUAGES_MODEL detects on espeak-ng speech in 8 languages
+	$(PY) -m server.checkpoints.provision $(LANGUAGES_MODEL)
+	$(PY) -m loadgen languages --model $(LANGUAGES_MODEL) --out runs/languages-$(STAMP_TIME)
 
 bench-decode: model ## the decode step benchmark
 	$(PY) -m loadgen decode

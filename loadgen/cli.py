@@ -12,6 +12,7 @@ In process (torch and transformers load for these alone; each has its own --help
     study      the seed study: models x batch sizes, generate and the server; `study compare`
     engines    continuous against generate engine against in-process generate
     precision  float32 against bfloat16, unary and real-time streams
+    languages  the language a model detects on other languages' speech (espeak-ng or files)
     decode     the decode step benchmark (loadgen.decode_bench)
     finals     stream finals against Recognize on the same files (WER, differing transcripts)
     neighbour  a neighbour's latency beside beam search / word times; detection throughput
@@ -51,6 +52,10 @@ PASS_THROUGH = {
     "study": ("loadgen.inprocess.study", "the seed study (models x batch sizes); study compare"),
     "engines": ("loadgen.inprocess.engines", "continuous vs generate engine vs generate"),
     "precision": ("loadgen.inprocess.precision", "float32 vs bfloat16, unary and streams"),
+    "languages": (
+        "loadgen.inprocess.languages",
+        "the language detected on other languages' speech (espeak-ng), server and generate",
+    ),
     "soak": ("loadgen.soak", "minutes of mixed load: RSS series, errors, growth verdict"),
     "decode": ("loadgen.decode_bench", "the decode step benchmark"),
     "finals": ("loadgen.finals", "stream finals against unary transcripts of the same files"),

@@ -6,6 +6,7 @@
     study.py      `loadgen study` (+ `study compare`): models x batch sizes, cost per host
     engines.py    `loadgen engines`: the continuous engine against the generate engine
     precision.py  `loadgen precision`: float32 against bfloat16
+    languages.py  `loadgen languages`: language detection on other languages' speech
 
 Imported only by `python -m loadgen study|engines|precision` (and tests): nothing else in
 `loadgen` pays for torch.

@@ -12,6 +12,7 @@ turns with other configurations); the row accumulates.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -123,10 +124,11 @@ def served_settings(**overrides: Any) -> Settings:
     """A server measured against `generate`: speech gates off (every file is decoded, as
     `generate` does), a deep queue, and the server's own warm-up before it says SERVING (as
     shipped: with `--compile auto` that compiles the decode step of every row bucket; without
-    it every step would run eager, and the study would not measure the server users run)."""
+    it every step would run eager, and the study would not measure the server users run).
+    `WHISPER_GRPC_COMPILE` chooses the decode step as it does for `python -m server`."""
     base: dict[str, Any] = dict(
         max_queue_size=1024, no_speech_threshold=1.0, silence_dbfs=-200.0, warmup=True,
-        metrics_port=-1,
+        metrics_port=-1, compile=os.environ.get("WHISPER_GRPC_COMPILE") or "auto",
     )  # fmt: skip
     return Settings(**{**base, **overrides})
 

@@ -48,6 +48,22 @@ from server.models.whisper_tokens import (
     no_speech_probs,
 )
 
+EXACT_PREFILL = 4
+"""Prefills up to this many tokens (every prompt without a draft) run at their own length, as
+`generate`'s first pass does, so one window alone still gets `generate`'s logits bit for bit."""
+
+
+def prefill_length(tokens: int, max_positions: int) -> int:
+    """The length a prefill of `tokens` runs at: itself up to EXACT_PREFILL, else the next
+    power of two (at most `max_positions`). Each new shape of a matrix product makes the CPU
+    kernels (oneDNN) build and keep a kernel for it, about 0.5-1 MiB each in bf16, and a
+    stream's draft has a new length at every interim: unpadded, a server's memory grew with
+    the variety of lengths it had seen (the soak's first 15 minutes). Padded, a few lengths
+    cover every draft (8, 16 ... 256), whose kernels are built once."""
+    if tokens <= EXACT_PREFILL:
+        return tokens
+    return min(1 << (tokens - 1).bit_length(), max(tokens, max_positions))
+
 
 @dataclass(frozen=True)
 class Suppression:
@@ -422,9 +438,13 @@ class GreedyRuntime:
         joined: dict[int, DecodeSequence] = {}
         start = 0
         while start < len(order):
-            length = len(inputs[order[start]])
-            group = [i for i in order[start:] if len(inputs[i]) == length]
-            ids = torch.as_tensor([inputs[i] for i in group], device=self.device)
+            room = self.decoder.max_positions
+            length = prefill_length(len(inputs[order[start]]), room)
+            group = [i for i in order[start:] if prefill_length(len(inputs[i]), room) == length]
+            # Padded with end-of-text up to the bucket: the pass is causal, so a row's real
+            # positions never see its padding, and `keep` below drops the padding's cache.
+            padded = [inputs[i] + [self.eos] * (length - len(inputs[i])) for i in group]
+            ids = torch.as_tensor(padded, device=self.device)
             logits = self.decoder.prefill(first + start, ids).float()  # (k, T, vocab)
             no_speech = no_speech_probs(logits[:, 0], self.no_speech)
             seqs, decisions = [], []
@@ -438,7 +458,8 @@ class GreedyRuntime:
                 )  # fmt: skip
                 if seq.duration_s is not None:  # kept for the alignment pass (a copy: 1 row)
                     seq.encoder_hidden = encoded.last_hidden_state[start + row].clone()
-                decisions.append(self._verify(seq, drafts[i], logits[row, len(prompt) - 1 :]))
+                mine = logits[row, len(prompt) - 1 : len(inputs[i])]  # not the padding's
+                decisions.append(self._verify(seq, drafts[i], mine))
                 self.decoder.keep(first + start + row, len(prompt) + len(seq.tokens))
                 seqs.append(seq)
             self.active += seqs

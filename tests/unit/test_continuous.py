@@ -20,7 +20,7 @@ from server.batching.base import BatchStats
 from server.batching.continuous import ContinuousEngine, EngineConfig
 from server.errors import BatchError, DeadlineExceededError, QueueFullError, UnavailableError
 from server.models.base import DecodeOptions, ModelInfo, SpeechModel, WindowResult, WindowTask
-from server.models.whisper_step import BatchedDecoder, GreedyRuntime
+from server.models.whisper_step import BatchedDecoder, GreedyRuntime, prefill_length
 
 # The tiny model's vocabulary: 0-89 "words", then the special tokens.
 EOS, SOT, NO_SPEECH, NO_TIMESTAMPS, EN, FR, TRANSCRIBE, TRANSLATE = range(90, 98)
@@ -220,6 +220,37 @@ def test_drafts_are_verified_so_any_draft_gives_the_plain_greedy_transcript() ->
     # tokens known after the join: the agreed draft plus the model's next choice
     assert after_join[0] == 3 and after_join[4] == 1 and after_join[5] == 1
     assert after_join[3] == 2
+
+
+def test_prefill_lengths_are_a_few_buckets_whatever_the_draft_lengths() -> None:
+    """Every new matrix shape makes the CPU kernels build and keep one more kernel (memory that
+    grew with the variety of draft lengths in the soak): prefills run at a handful of padded
+    lengths, and the padding changes no token."""
+    assert [prefill_length(t, 448) for t in (1, 4, 5, 8, 9, 100, 228, 300)] == [
+        1, 4, 8, 8, 16, 128, 256, 448,
+    ]  # fmt: skip
+    model = TinyWhisper(suppress_eos=True)
+    runtime = GreedyRuntime(model, max_active=4)
+    feats = windows(1, seed=5)
+    full = decode_alone(runtime, feats[0], DecodeOptions()).tokens  # 40 tokens, no end
+    prompt = runtime.prompt(DecodeOptions())
+    assert prompt is not None
+    shapes: list[tuple[int, ...]] = []
+    prefill = runtime.decoder.prefill
+
+    def spy(first: int, ids: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(ids.shape))
+        return prefill(first, ids)
+
+    runtime.decoder.prefill = spy  # type: ignore[method-assign]
+    for cut in range(1, len(full) + 1):  # drafts of every length, half of them wrong at the end
+        draft = full[:cut] if cut % 2 else [*full[: cut - 1], (full[cut - 1] + 1) % 90]
+        (seq,) = runtime.join(feats, [prompt], ["draft"], [draft])
+        while not seq.finished:
+            runtime.step()
+        runtime.leave([seq])
+        assert seq.tokens == full
+    assert {t for _, t in shapes} == {3, 4, 8, 16, 32, 64}  # 2-token prompt + 1..40 drafted
 
 
 def test_sequences_joining_and_leaving_mid_decode_match_running_alone() -> None:

@@ -101,3 +101,30 @@ def test_precision_compares_dtypes_unary_and_streams(
     assert "| continuous engine, concurrency 2, float32 | 2 |" in out
     assert "| continuous engine, concurrency 2, bfloat16 | 2 |" in out
     assert "real-time streams, bfloat16:" in out and "| 1 stream(s), real time |" in out
+
+
+def test_languages_reports_server_and_generate_per_clip(
+    random_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Recordings named by language, the language left to the model, through the server and
+    generate; an English-only model answers "en" for French speech (nothing to detect)."""
+    from loadgen.inprocess import languages
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    jfk = Path(__file__).resolve().parents[2] / "samples" / "jfk.wav"
+    for name in ("fr-1.wav", "de_2.wav"):
+        (clips / name).write_bytes(jfk.read_bytes())
+    out = tmp_path / "out"
+    argv = ["--model", random_model, "--voices", "", "--clips", str(clips), "--device", "cpu",
+            "--threads", "1", "--max-new-tokens", "8", "--out", str(out)]  # fmt: skip
+    assert languages.main(argv) == 0
+    with (out / "languages.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["clip"], r["spoken"], r["server"], r["generate"]) for r in rows] == [
+        ("de_2.wav", "de", "en", "en"), ("fr-1.wav", "fr", "en", "en"),
+    ]  # fmt: skip
+    assert float(rows[0]["audio_s"]) == pytest.approx(11.0, abs=0.1)
+    assert "agreed with generate on 2 of 2" in capsys.readouterr().out
+    assert languages.main(["--voices", "xx", "--out", str(out)]) == 2
+    assert languages.main(["--voices", "", "--out", str(out)]) == 2
