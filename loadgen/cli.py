@@ -13,7 +13,7 @@ In process (torch and transformers load for these alone; each has its own --help
     engines    continuous against generate engine against in-process generate
     precision  float32 against bfloat16, unary and real-time streams
     languages  the language a model detects on other languages' speech (espeak-ng or files)
-    decode     the decode step benchmark (loadgen.decode_bench)
+    decode     the decode step benchmark: eager against compiled
     finals     stream finals against Recognize on the same files (WER, differing transcripts)
     neighbour  a neighbour's latency beside beam search / word times; detection throughput
     gpu-pack   pack what the first-GPU check needs;  gpu-check  run it
@@ -57,8 +57,11 @@ PASS_THROUGH = {
         "the language detected on other languages' speech (espeak-ng), server and generate",
     ),
     "soak": ("loadgen.soak", "minutes of mixed load: RSS series, errors, growth verdict"),
-    "decode": ("loadgen.decode_bench", "the decode step benchmark"),
-    "finals": ("loadgen.finals", "stream finals against unary transcripts of the same files"),
+    "decode": ("loadgen.inprocess.decode_bench", "the decode step benchmark"),
+    "finals": (
+        "loadgen.inprocess.finals",
+        "stream finals against unary transcripts of the same files",
+    ),
     "neighbour": (
         "loadgen.inprocess.neighbour",
         "what beam search or word times cost others",

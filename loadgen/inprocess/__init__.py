@@ -7,7 +7,9 @@
     engines.py    `loadgen engines`: the continuous engine against the generate engine
     precision.py  `loadgen precision`: float32 against bfloat16
     languages.py  `loadgen languages`: language detection on other languages' speech
+    decode_bench.py  `loadgen decode`: the decode step, eager against compiled
+    finals.py     `loadgen finals`: stream finals against unary transcripts of the same files
 
-Imported only by `python -m loadgen study|engines|precision` (and tests): nothing else in
+Imported only by the in-process commands of `python -m loadgen` (and tests): nothing else in
 `loadgen` pays for torch.
 """

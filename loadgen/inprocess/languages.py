@@ -198,8 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = markdown_table(shown, [[d[c] for c in shown] for d in data])
     agree = sum(r.server == r.generate for r in rows)
     right = sum(r.server == r.spoken for r in rows)
+    same = sum(r.server_text == r.generate_text for r in rows)
     summary = (f"{args.model}: the server detected the spoken language on {right} of "
-               f"{len(rows)} clips; it agreed with generate on {agree} of {len(rows)}")  # fmt: skip
+               f"{len(rows)} clips; it agreed with generate on {agree} of {len(rows)} "
+               f"(transcripts equal on {same})")  # fmt: skip
     (args.out / "languages.md").write_text(f"{table}\n\n{summary}\n")
     print(table)
     print(summary)

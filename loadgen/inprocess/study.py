@@ -177,7 +177,7 @@ def study_plot(path: Path, facts: dict[str, Any], rows: Sequence[StudyRow]) -> P
     """Time per file against batch size, one line per model and dtype: solid in process,
     dashed through the server (concurrency = batch size)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    fig, ax = plt.subplots(figsize=(7.5, 5.6))
     for model, dtype in dict.fromkeys((r.model, r.dtype) for r in rows):
         for where, style in (("generate", "o-"), ("server", "s--")):
             ours = sorted((r for r in rows if (r.model, r.dtype, r.path) == (model, dtype, where)),
@@ -195,7 +195,8 @@ def study_plot(path: Path, facts: dict[str, Any], rows: Sequence[StudyRow]) -> P
            title=f"{label + ': ' if label != device else ''}{device}")  # fmt: skip
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    # Below the axes, two columns: inside, it hid the lines of the slower models.
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -22,9 +22,17 @@ def attend(
     a call at one row, 4.1 ms vs 0.6 ms at eight): it was over half of a bf16 step. There the
     scores are one small matmul and the softmax runs in fp32. Everywhere else (fp32, where
     `generate`'s exact tokens are the contract, and on GPUs) SDPA stays."""
-    if not PLAIN_LOW_PRECISION_ON_CPU or q.device.type != "cpu" or q.dtype == torch.float32:
+    if not plain_products(q.device, q.dtype):
         return F.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=1.0)
     scores = torch.matmul(q, key.transpose(-1, -2)).float()
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(scores.softmax(dim=-1).to(value.dtype), value)
+
+
+def plain_products(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `attend` runs plain matrix products (low precision on a CPU) rather than SDPA.
+    There each new shape of a product builds a oneDNN kernel that stays (server.models.shapes),
+    so the eager step attends over blocks of cache positions; SDPA keeps exact lengths, which
+    keeps one window's tokens bit for bit those of `generate` in every dtype."""
+    return PLAIN_LOW_PRECISION_ON_CPU and device.type == "cpu" and dtype != torch.float32

@@ -18,10 +18,11 @@ could not be captured. Here a step's shapes come from a small set of buckets onl
 never on a request's time) or captured as one CUDA graph per bucket over fixed input buffers
 (the caches never move, so their addresses are fixed too). Eagerly (`--compile off`, or a
 bucket not warmed) it runs `BatchedDecoder.step` instead: the same math over exactly the
-active rows and filled positions, which keeps one window bit-for-bit equal to `generate` in
-every dtype (attention over the whole cache changes fp16 sums on a CPU), with the same pick
-on the device and the same single transfer back. `choose_step()` turns the `compile` setting
-into one of those, with the reason.
+active rows and filled positions (in blocks of 64 positions where attention runs plain
+products: low precision on a CPU, `server.models.shapes`), which keeps one window bit-for-bit
+equal to `generate` wherever attention runs SDPA (attention over the whole cache changes fp16
+sums on a CPU), with the same pick on the device and the same single transfer back.
+`choose_step()` turns the `compile` setting into one of those, with the reason.
 
 Only the model worker thread uses these.
 """
@@ -221,9 +222,10 @@ class StepRunner:
     @torch.inference_mode()
     def eager(self, ids: list[int]) -> torch.Tensor:
         """The eager step (`--compile off`, and buckets not warmed): `BatchedDecoder.step` over
-        exactly the active rows and filled positions (no padding: one sequence alone gets
-        bit-for-bit the logits of `generate`, in every dtype), the same greedy pick on the
-        device. Returns (n, 2) float64: id, log-probability."""
+        exactly the active rows and filled positions (blocks of them with plain low-precision
+        products on a CPU; elsewhere one sequence alone gets bit-for-bit the logits of
+        `generate`), the same greedy pick on the device. Returns (n, 2) float64: id,
+        log-probability."""
         logits = self.decoder.step(torch.as_tensor(ids, device=self.decoder.device), 0).float()
         scores = logits + self.step.bias  # -inf where suppressed, else unchanged
         tokens = scores.argmax(dim=-1)

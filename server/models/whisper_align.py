@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from transformers.models.whisper.generation_whisper import _median_filter
 
 from server.models.base import Word
+from server.models.shapes import padded_length
 
 N_FRAMES = 3000  # mel frames in Whisper's 30 s window
 TIME_PRECISION_S = 0.02  # one encoder frame (two mel frames)
@@ -82,7 +83,9 @@ def token_times(
     then every generated token but the last one: end-of-text, or the one that hit the limit);
     `start_tokens[row]` of them are start tokens; `frames[row]` mel frames hold audio."""
     gen = hf.generation_config
-    longest = max(len(i) for i in inputs)
+    # At a padded length (server.models.shapes): a new length per transcript would make a new
+    # kernel per length on a CPU in bfloat16, kept for the life of the process.
+    longest = padded_length(max(len(i) for i in inputs), hf.config.max_target_positions)
     padded = [i + [i[-1]] * (longest - len(i)) for i in inputs]
     ids = torch.as_tensor(padded, device=encoder_hidden.device)
     weights = alignment_weights(hf, encoder_hidden, ids, gen.alignment_heads)

@@ -33,10 +33,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from server.models.attention import attend
+from server.models.attention import attend, plain_products
 from server.models.base import DecodeOptions, WindowResult, Word
 from server.models.device import device_errors
 from server.models.runaway import is_looping, trim_loop
+from server.models.shapes import padded_keys, padded_length
 from server.models.static_step import StepChoice, StepRunner, choose_step
 from server.models.whisper_align import frames_of, group_words, token_times
 from server.models.whisper_language import DETECT, detect_languages, with_language
@@ -47,22 +48,6 @@ from server.models.whisper_tokens import (
     no_speech_id,
     no_speech_probs,
 )
-
-EXACT_PREFILL = 4
-"""Prefills up to this many tokens (every prompt without a draft) run at their own length, as
-`generate`'s first pass does, so one window alone still gets `generate`'s logits bit for bit."""
-
-
-def prefill_length(tokens: int, max_positions: int) -> int:
-    """The length a prefill of `tokens` runs at: itself up to EXACT_PREFILL, else the next
-    power of two (at most `max_positions`). Each new shape of a matrix product makes the CPU
-    kernels (oneDNN) build and keep a kernel for it, about 0.5-1 MiB each in bf16, and a
-    stream's draft has a new length at every interim: unpadded, a server's memory grew with
-    the variety of lengths it had seen (the soak's first 15 minutes). Padded, a few lengths
-    cover every draft (8, 16 ... 256), whose kernels are built once."""
-    if tokens <= EXACT_PREFILL:
-        return tokens
-    return min(1 << (tokens - 1).bit_length(), max(tokens, max_positions))
 
 
 @dataclass(frozen=True)
@@ -185,11 +170,15 @@ class BatchedDecoder:
         it writes the same cache positions."""
         n = input_ids.shape[0]
         lengths = self.lengths[first : first + n]
-        longest = max(lengths) + 1
+        filled = max(lengths) + 1
+        # In low precision on a CPU, every new shape of a product builds and keeps a kernel
+        # (server.models.shapes): attend over blocks of positions there, not over each length.
+        blocked = plain_products(self.device, self.dtype)
+        longest = padded_keys(filled, self.max_positions) if blocked else filled
         positions = torch.as_tensor(lengths, device=self.device)
         hidden = self._embed(input_ids.unsqueeze(1), positions.unsqueeze(1))
         mask = None
-        if min(lengths) != max(lengths):  # ragged rows: hide each row's unfilled positions
+        if min(lengths) != max(lengths) or longest != filled:  # hide each row's unfilled keys
             keys = torch.arange(longest, device=self.device)
             mask = (keys.unsqueeze(0) <= positions.unsqueeze(1)).view(n, 1, 1, longest)
         slots = torch.arange(first, first + n, device=self.device)
@@ -439,8 +428,8 @@ class GreedyRuntime:
         start = 0
         while start < len(order):
             room = self.decoder.max_positions
-            length = prefill_length(len(inputs[order[start]]), room)
-            group = [i for i in order[start:] if prefill_length(len(inputs[i]), room) == length]
+            length = padded_length(len(inputs[order[start]]), room)
+            group = [i for i in order[start:] if padded_length(len(inputs[i]), room) == length]
             # Padded with end-of-text up to the bucket: the pass is causal, so a row's real
             # positions never see its padding, and `keep` below drops the padding's cache.
             padded = [inputs[i] + [self.eos] * (length - len(inputs[i])) for i in group]

@@ -1,4 +1,4 @@
-"""`python -m loadgen.decode_bench` end to end on the random-weight Whisper and two real
+"""`python -m loadgen decode` end to end on the random-weight Whisper and two real
 test-other files: both servers (eager and compiled) answer every file at each concurrency, the
 report has a row per run, and in fp32 the compiled step gives the eager transcripts."""
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from loadgen.decode_bench import main
+from loadgen.inprocess.decode_bench import main
 from tests.conftest import LIBRISPEECH, require_data
 from tests.random_whisper import make_random_checkpoint
 

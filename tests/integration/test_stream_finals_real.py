@@ -1,14 +1,14 @@
 """Stream finals against Recognize with real tiny.en weights: test-other files that a live
 stream used to transcribe differently (a trimmed lead-in, pauses of 0.8-1.0 s ending the
 utterance mid-sentence, a final decoded with its interim's draft), each sent as a real-time
-stream with interims, four at a time. `python -m loadgen.finals` measures the same on 40 files."""
+stream with interims, four at a time. `python -m loadgen finals` measures the same on 40 files."""
 
 from __future__ import annotations
 
 import pytest
 
 from loadgen.dataset import load_dataset
-from loadgen.finals import compare
+from loadgen.inprocess.finals import compare
 from loadgen.wer import normalize
 from tests.conftest import LIBRISPEECH, require_data
 

@@ -20,7 +20,8 @@ from server.batching.base import BatchStats
 from server.batching.continuous import ContinuousEngine, EngineConfig
 from server.errors import BatchError, DeadlineExceededError, QueueFullError, UnavailableError
 from server.models.base import DecodeOptions, ModelInfo, SpeechModel, WindowResult, WindowTask
-from server.models.whisper_step import BatchedDecoder, GreedyRuntime, prefill_length
+from server.models.shapes import padded_length
+from server.models.whisper_step import BatchedDecoder, GreedyRuntime
 
 # The tiny model's vocabulary: 0-89 "words", then the special tokens.
 EOS, SOT, NO_SPEECH, NO_TIMESTAMPS, EN, FR, TRANSCRIBE, TRANSLATE = range(90, 98)
@@ -226,7 +227,7 @@ def test_prefill_lengths_are_a_few_buckets_whatever_the_draft_lengths() -> None:
     """Every new matrix shape makes the CPU kernels build and keep one more kernel (memory that
     grew with the variety of draft lengths in the soak): prefills run at a handful of padded
     lengths, and the padding changes no token."""
-    assert [prefill_length(t, 448) for t in (1, 4, 5, 8, 9, 100, 228, 300)] == [
+    assert [padded_length(t, 448) for t in (1, 4, 5, 8, 9, 100, 228, 300)] == [
         1, 4, 8, 8, 16, 128, 256, 448,
     ]  # fmt: skip
     model = TinyWhisper(suppress_eos=True)

@@ -125,6 +125,6 @@ def test_languages_reports_server_and_generate_per_clip(
         ("de_2.wav", "de", "en", "en"), ("fr-1.wav", "fr", "en", "en"),
     ]  # fmt: skip
     assert float(rows[0]["audio_s"]) == pytest.approx(11.0, abs=0.1)
-    assert "agreed with generate on 2 of 2" in capsys.readouterr().out
+    assert "agreed with generate on 2 of 2 (transcripts equal on 2)" in capsys.readouterr().out
     assert languages.main(["--voices", "xx", "--out", str(out)]) == 2
     assert languages.main(["--voices", "", "--out", str(out)]) == 2

@@ -90,6 +90,34 @@ async def test_continuous_engine_gives_generate_tokens_in_low_precision(
     await engine.stop()
 
 
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_eager_low_precision_steps_attend_over_blocks_of_the_cache(
+    dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With plain products (low precision on a CPU) each new key length would build and keep a
+    oneDNN kernel: eager steps attend over 64, 128... positions, and decode the same tokens as
+    steps over exactly the filled positions."""
+    from server.models import whisper_step
+    from server.models.whisper_step import GreedyRuntime
+    from tests.unit.test_continuous import decode_alone
+
+    model = tiny(dtype, suppress_eos=True, max_new_tokens=70)  # past one block of 64
+    feats = windows(1, seed=9)[0]
+    with monkeypatch.context() as exactly:
+        exactly.setattr(whisper_step, "padded_keys", lambda filled, _: filled)
+        exact = decode_alone(GreedyRuntime(model, 2), feats, DecodeOptions()).tokens
+    keys: set[int] = set()
+
+    def spy(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any = None) -> Any:
+        keys.add(key.shape[-2])
+        return attention.attend(q, key, value, mask)
+
+    monkeypatch.setattr(whisper_step, "attend", spy)
+    blocked = decode_alone(GreedyRuntime(model, 2), feats, DecodeOptions()).tokens
+    assert len(exact) == 70 and blocked == exact
+    assert keys == {64, 128, 30}  # self-attention in two blocks; cross-attention: 30 frames
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 async def test_every_whisper_path_runs_in_low_precision(
     tiny_en_dir: Path, tmp_path: Path, dtype: str

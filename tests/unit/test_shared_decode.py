@@ -142,10 +142,21 @@ def assert_same_words(got: WindowResult, want: WindowResult) -> None:
 
 
 async def test_word_times_come_from_the_shared_decode_as_generate_gives_them(
-    english: WhisperModel, worker
+    english: WhisperModel, worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Windows of different lengths (different real frames) with word times, decoded
-    together: each gets the words and times `generate` gives it alone, without generate."""
+    together: each gets the words and times `generate` gives it alone, without generate. The
+    alignment pass runs at a padded length (server.models.shapes), not at each transcript's."""
+    from server.models import whisper_align
+
+    lengths: list[int] = []
+    weights = whisper_align.alignment_weights
+
+    def spy(hf: Any, hidden: torch.Tensor, ids: torch.Tensor, heads: Any) -> torch.Tensor:
+        lengths.append(ids.shape[1])
+        return weights(hf, hidden, ids, heads)
+
+    monkeypatch.setattr(whisper_align, "alignment_weights", spy)
     options = DecodeOptions(word_timestamps=True)
     tasks = [audio_window(english, s, secs, options) for s, secs in ((1, 3.0), (2, 7.5), (3, 1.2))]
     want = [english.run_batch([t])[0] for t in tasks]
@@ -157,6 +168,7 @@ async def test_word_times_come_from_the_shared_decode_as_generate_gives_them(
     for result, expected in zip(got, want, strict=True):
         assert_same_words(result.value, expected)
     assert counting.calls == 0 and engine.stats().fallback_windows == 0
+    assert lengths and all(t <= 4 or t & (t - 1) == 0 for t in lengths), lengths
     await engine.stop()
 
 

@@ -1,4 +1,4 @@
-"""Stream finals against unary transcripts of the same files: `python -m loadgen.finals`.
+"""Stream finals against unary transcripts of the same files: `python -m loadgen finals`.
 
 Each file goes once through `Recognize` and once as its own live stream (LINEAR16 in 100 ms
 chunks, `--pace` times real time, interim results on as a live client would have them), with
@@ -136,7 +136,7 @@ def summary(pairs: list[Pair]) -> dict[str, object]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadgen.finals", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m loadgen finals", description=__doc__.split("\n")[0])
     p.add_argument("--dataset", required=True, help="a LibriSpeech split folder")
     p.add_argument("--limit", type=int, default=40, help="files (a seeded sample) [40]")
     p.add_argument("--seed", type=int, default=0)

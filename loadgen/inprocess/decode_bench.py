@@ -1,4 +1,4 @@
-"""Eager against compiled decode steps, side by side: `python -m loadgen.decode_bench`.
+"""Eager against compiled decode steps, side by side: `python -m loadgen decode`.
 
 Two servers in this process over the same loaded weights, one with `--compile off` and one
 with `--compile on` (inductor on a CPU, CUDA graphs on a GPU), measured in turns (eager, then
@@ -10,9 +10,9 @@ histogram, `asr_decode_step_seconds`), with the CPU model and the load average b
 after. It also counts the files whose transcript differs between the two (in fp32 both should
 agree; a difference is a near-tie flipped by a different float summation order).
 
-    python -m loadgen.decode_bench --dataset DIR [--limit 100] [--concurrency 1,8]
+    python -m loadgen decode --dataset DIR [--limit 100] [--concurrency 1,8]
         [--model tiny.en] [--dtype float32] [--max-active 8] [--rounds 1]
-    python -m loadgen.decode_bench --steps [--concurrency 1,8] [--model tiny.en]
+    python -m loadgen decode --steps [--concurrency 1,8] [--model tiny.en]
 
 `--steps` times the decode step alone, in process (no gRPC, no encoder): `GreedyRuntime.step`
 eager and compiled, at each number of active sequences, in turns, over `--rounds` rounds.
