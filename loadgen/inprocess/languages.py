@@ -8,9 +8,11 @@ through the server (language detection inside the shared decode) and through tra
 The clips are made here with `espeak-ng` (one sentence per voice of `--voices`: synthetic,
 accented speech, a harder test than a native speaker) and/or read from `--clips DIR`, whose
 files are named by language (`fr.wav`, `de-2.flac`: the language is the name up to the first
-`-`, `_` or `.`). Every request leaves the language to the model (no `language_code`). Writes
-OUT/languages.csv, languages.json and languages.md; prints the table. An English-only model
-has nothing to detect: it answers "en" for every clip, as its server does.
+`-`, `_` or `.`), each one window of at most 30 s. The server gets each file's bytes as a
+client sends them; `generate` gets the samples the server decodes from them (`server.audio`).
+Every request leaves the language to the model (no `language_code`). Writes OUT/languages.csv,
+languages.json and languages.md; prints the table. An English-only model has nothing to
+detect: it answers "en" for every clip, as its server does.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import io
 import logging
 import re
 import shutil
@@ -30,13 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import soundfile as sf
-
+from loadgen.dataset import Clip
 from loadgen.errors import UsageError
 from loadgen.writers import markdown_table, write_csv, write_json
 
 log = logging.getLogger(__name__)
+
+Spoken = tuple[str, Clip]
+"""The language spoken (the voice's, or the file name's) and the clip."""
 
 SENTENCES = {  # our own sentences, a few seconds each
     "fr": "Le train pour Lyon part à huit heures, mais il faut acheter les billets avant midi.",
@@ -52,20 +54,6 @@ DEFAULT_VOICES = ",".join(SENTENCES)
 
 
 @dataclass(frozen=True)
-class LanguageClip:
-    name: str
-    language: str
-    """The language spoken (from the voice, or the file's name)."""
-    samples: np.ndarray
-    """float32, 16 kHz, mono."""
-
-    def wav(self) -> bytes:
-        out = io.BytesIO()
-        sf.write(out, self.samples, 16_000, format="WAV", subtype="PCM_16")
-        return out.getvalue()
-
-
-@dataclass(frozen=True)
 class LanguageRow:
     clip: str
     spoken: str
@@ -78,17 +66,23 @@ class LanguageRow:
     generate_text: str
 
 
-def to_16k(samples: np.ndarray, rate: int) -> np.ndarray:
-    if samples.ndim > 1:
-        samples = samples.mean(axis=1)
-    if rate == 16_000:
-        return samples.astype(np.float32)
-    n = int(len(samples) * 16_000 / rate)
-    grid = np.linspace(0, len(samples) - 1, n)
-    return np.interp(grid, np.arange(len(samples)), samples).astype(np.float32)
+WINDOW_S = 30.0  # Whisper detects a language per 30 s window: one window per clip here
 
 
-def synthesize(voices: Sequence[str]) -> list[LanguageClip]:
+def as_clip(name: str, data: bytes) -> Clip:
+    """A clip of `data` (a file's bytes, sent as they are), decoded as the server decodes it,
+    so that `generate` gets the very samples the server works on."""
+    from server.audio import AudioFormat, decode
+    from server.errors import InvalidAudioError
+
+    try:
+        samples = decode(data, AudioFormat(), WINDOW_S)
+    except InvalidAudioError as err:
+        raise UsageError(f"{name}: {err} (one window of at most {WINDOW_S:g} s per clip)") from err
+    return Clip(name, data, samples, None)
+
+
+def synthesize(voices: Sequence[str]) -> list[Spoken]:
     """One sentence per voice, spoken by espeak-ng (which writes 22.05 kHz WAV)."""
     if shutil.which("espeak-ng") is None:
         raise UsageError(
@@ -104,23 +98,21 @@ def synthesize(voices: Sequence[str]) -> list[LanguageClip]:
             wav = Path(tmp) / f"{voice}.wav"
             subprocess.run(["espeak-ng", "-v", voice, "-w", str(wav), SENTENCES[voice]],
                            check=True, timeout=60, capture_output=True)  # fmt: skip
-            samples, rate = sf.read(wav, dtype="float32")
-            clips.append(LanguageClip(f"espeak-{voice}", voice, to_16k(samples, rate)))
+            clips.append((voice, as_clip(f"espeak-{voice}", wav.read_bytes())))
     return clips
 
 
-def read_clips(folder: Path) -> list[LanguageClip]:
+def read_clips(folder: Path) -> list[Spoken]:
     clips = []
     for path in sorted(p for p in folder.iterdir() if p.suffix in {".wav", ".flac", ".ogg"}):
-        samples, rate = sf.read(path, dtype="float32")
         language = re.split(r"[-_.]", path.name, maxsplit=1)[0].lower()
-        clips.append(LanguageClip(path.name, language, to_16k(samples, rate)[: 30 * 16_000]))
+        clips.append((language, as_clip(path.name, path.read_bytes())))
     if not clips:
         raise UsageError(f"{folder}: no .wav, .flac or .ogg files")
     return clips
 
 
-async def served(settings: Any, model: Any, clips: Sequence[LanguageClip]) -> list[tuple[str, str]]:
+async def served(settings: Any, model: Any, clips: Sequence[Clip]) -> list[tuple[str, str]]:
     """(language_code, transcript) of each clip through the server, language left unset."""
     import grpc
 
@@ -133,7 +125,7 @@ async def served(settings: Any, model: Any, clips: Sequence[LanguageClip]) -> li
             stub = asr_pb2_grpc.SpeechStub(channel)
             out = []
             for clip in clips:
-                audio = asr_pb2.RecognitionAudio(content=clip.wav())
+                audio = asr_pb2.RecognitionAudio(content=clip.content)
                 response = await stub.Recognize(asr_pb2.RecognizeRequest(audio=audio), timeout=300)
                 results = list(response.results)
                 language = results[0].language_code if results else ""
@@ -144,13 +136,13 @@ async def served(settings: Any, model: Any, clips: Sequence[LanguageClip]) -> li
         server.stop()
 
 
-def generated(model: Any, clips: Sequence[LanguageClip]) -> list[tuple[str, str]]:
+def generated(model: Any, clips: Sequence[Clip]) -> list[tuple[str, str]]:
     """(language, transcript) of each clip through transformers' generate, language unset."""
     from server.models.base import DecodeOptions, WindowTask
 
     out = []
     for clip in clips:
-        task = WindowTask(model.prepare(clip.samples), len(clip.samples) / 16_000, DecodeOptions())
+        task = WindowTask(model.prepare(clip.samples), clip.duration_s, DecodeOptions())
         (result,) = model.run_batch([task])
         out.append((result.language, result.text))
     return out
@@ -208,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-async def measure(args: argparse.Namespace, clips: Sequence[LanguageClip]) -> list[LanguageRow]:
+async def measure(args: argparse.Namespace, spoken: Sequence[Spoken]) -> list[LanguageRow]:
     from loadgen.inprocess.measure import served_settings
     from server.models.loader import load_model
 
@@ -216,9 +208,10 @@ async def measure(args: argparse.Namespace, clips: Sequence[LanguageClip]) -> li
                                num_threads=args.threads,
                                max_new_tokens=args.max_new_tokens)  # fmt: skip
     model = load_model(settings)
+    clips = [clip for _, clip in spoken]
     by_server = await served(settings, model, clips)
     by_generate = await asyncio.to_thread(generated, model, clips)
     return [
-        LanguageRow(c.name, c.language, round(len(c.samples) / 16_000, 2), s[0], g[0], s[1], g[1])
-        for c, s, g in zip(clips, by_server, by_generate, strict=True)
+        LanguageRow(c.id, language, round(c.duration_s, 2), s[0], g[0], s[1], g[1])
+        for (language, c), s, g in zip(spoken, by_server, by_generate, strict=True)
     ]
