@@ -19,6 +19,7 @@ from typing import Any
 
 from server.config import Settings, SettingsError
 from server.memory import tune_malloc
+from server.openmp import tune_openmp
 
 ENV_PREFIX = "WHISPER_GRPC_"
 
@@ -145,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # Before any thread starts (gRPC, torch): arenas are made per thread on first use.
     tune_malloc(settings.malloc_mmap_threshold_kb, settings.malloc_arena_max)
+    # Before torch loads libgomp, which reads its environment once (server.openmp).
+    logging.getLogger(__name__).info(tune_openmp())
     return asyncio.run(_run(settings))
 
 
