@@ -83,6 +83,11 @@ from server.models.base import SpeechModel, WindowResult, WindowTask
 from server.models.whisper_step import DecodeSequence, GreedyRuntime
 
 log = logging.getLogger(__name__)
+# Background windows (streams' interims) join in encoder passes of about this long: a final
+# or a unary request arriving meanwhile waits for at most one such pass. On a 2-core CPU a
+# tiny.en window's pass is ~0.18 s whatever the batch (one window a pass); on a GPU, where a
+# window costs milliseconds, interims still join max_batch_size at a time.
+BACKGROUND_PASS_S = 0.25
 
 
 @dataclass
@@ -177,6 +182,9 @@ class ContinuousEngine:
         # the lock): what a crash must still fail.
         self._in_hand: set[_Request] = set()
         self._batches = 0
+        # Mean seconds of a join pass per window (encoder and prompt pass), recent passes
+        # weighted most: what sizes background joins (_background_cap). Worker thread only.
+        self._join_s_per_window: float | None = None
         self._counts: collections.Counter[str] = collections.Counter()
         self._seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
         self._idle = asyncio.Event()
@@ -393,10 +401,13 @@ class ContinuousEngine:
         expired: list[_Request] = []
         # Background windows wait while urgent ones decode: each join is an encoder pass that
         # holds every decoding sequence up, and a final or a unary request shouldn't pay that
-        # for an interim (on a CPU, a pass costs as much as a dozen steps).
+        # for an interim (on a CPU, a pass costs as much as a dozen steps). For the same
+        # reason they never share an urgent window's pass, and join in passes of about
+        # BACKGROUND_PASS_S, so a final that arrives meanwhile waits that long at most.
         background = self._background
         if background and any(not seq.owner.background for seq in self.runtime.active):
             background = collections.deque()
+        background_cap = self._background_cap(cap)
         kept: dict[int, tuple[collections.deque[_Request], list[_Request]]] = {}
         with self._lock:
             if not self._join_now(free, now):
@@ -411,6 +422,8 @@ class ContinuousEngine:
                         kept.setdefault(id(queue), (queue, []))[1].append(r)
                         continue
                     group, limit = (joining, cap) if r.prompt is not None else (fallback, cap or 1)
+                    if r.background and group is joining:
+                        limit = 0 if any(not j.background for j in joining) else background_cap
                     if len(group) >= limit:
                         queue.appendleft(r)
                         break
@@ -423,6 +436,14 @@ class ContinuousEngine:
         for r in joining + fallback:
             r.joined = now
         return joining, fallback
+
+    def _background_cap(self, cap: int) -> int:
+        """Background windows per encoder pass: as many as take about BACKGROUND_PASS_S at
+        the encoder time per window measured so far (one until measured), at most `cap`."""
+        per_window = self._join_s_per_window
+        if per_window is None:
+            return min(cap, 1)
+        return min(cap, max(1, int(BACKGROUND_PASS_S / max(per_window, 1e-6))))
 
     def _join_now(self, free: int, now: float) -> bool:
         """Whether waiting windows join at this step (lock held)."""
@@ -461,7 +482,11 @@ class ContinuousEngine:
         started = time.monotonic()
         held = list(self.runtime.active)
         failures = self._join_in_pieces(joining)
-        self._seconds["join"] += time.monotonic() - started
+        took = time.monotonic() - started
+        self._seconds["join"] += took
+        per_window = took / len(joining)
+        old = self._join_s_per_window
+        self._join_s_per_window = per_window if old is None else 0.8 * old + 0.2 * per_window
         self._hold(held, started)
         now = time.monotonic()
         for r in joining:

@@ -516,6 +516,49 @@ async def test_an_interim_does_not_join_while_urgent_windows_decode(worker) -> N
     await engine.stop()
 
 
+async def hold(worker: ThreadPoolExecutor) -> threading.Event:
+    """Occupy the model worker until the returned event is set (windows enqueued meanwhile
+    are all waiting when the decode loop next looks)."""
+    entered, release = threading.Event(), threading.Event()
+    worker.submit(lambda: (entered.set(), release.wait(30)))
+    assert await asyncio.to_thread(entered.wait, 10)
+    return release
+
+
+async def test_an_urgent_window_never_shares_its_encoder_pass_with_interims(worker) -> None:
+    """Interims queued before a final: the final's encoder pass is its own (an interim's pass
+    in the same batch would delay the final), and the interims join after it."""
+    engine = make(TinyWhisper(), worker, max_active=8)
+    release = await hold(worker)  # both queued before the decode loop looks
+    interims = engine.enqueue([task(w) for w in windows(3)], background=True)
+    (final,) = engine.enqueue([task(windows(1, seed=9)[0])])
+    release.set()
+    first, *rest = await asyncio.wait_for(asyncio.gather(final, *interims), 30)
+    assert all(r.batch_id != first.batch_id for r in rest)
+    assert all(r.batch_id > first.batch_id for r in rest)
+    await engine.stop()
+
+
+@pytest.mark.parametrize(("pass_s", "passes"), [(0.0, 4), (60.0, 1)])
+async def test_interims_join_in_encoder_passes_of_a_bounded_time(
+    worker, monkeypatch: pytest.MonkeyPatch, pass_s: float, passes: int
+) -> None:
+    """Background windows join as many per pass as fit BACKGROUND_PASS_S at the measured
+    encoder time per window: one at a time when a pass of one already takes longer (a CPU),
+    max_batch_size when windows are cheap (a GPU)."""
+    import server.batching.continuous as continuous
+
+    monkeypatch.setattr(continuous, "BACKGROUND_PASS_S", pass_s)
+    engine = make(TinyWhisper(), worker, max_active=8)
+    await asyncio.wait_for(engine.submit(task(windows(1, seed=9)[0])), 30)  # measures a pass
+    release = await hold(worker)
+    interims = engine.enqueue([task(w) for w in windows(4)], background=True)
+    release.set()
+    done = await asyncio.wait_for(asyncio.gather(*interims), 30)
+    assert len({r.batch_id for r in done}) == passes
+    await engine.stop()
+
+
 async def test_warmup_decodes_through_the_engine_and_leaves_it_idle(worker) -> None:
     engine = make(TinyWhisper(), worker, max_active=4)
     await asyncio.wait_for(engine.warmup([1, 3]), 30)
