@@ -179,9 +179,10 @@ class Recognizer:
         return Recognition([s for s in segments if s.text], timing)
 
     @property
-    def backlogged(self) -> bool:
-        """True when a full batch is already waiting: best-effort work should be skipped."""
-        return self.batcher.depth >= self.batcher.config.max_batch_size
+    def room(self) -> int:
+        """Windows that may still be queued before a full batch waits: best-effort work
+        (streams' interims) starts only while there is room."""
+        return max(0, self.batcher.config.max_batch_size - self.batcher.depth)
 
     def _voiced(self, windows: list[Window]) -> list[Window]:
         return [w for w in windows if not self.gate.is_silent(w.samples)]

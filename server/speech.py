@@ -120,6 +120,7 @@ class SpeechCore:
             limits,
             on_final=self.metrics.stream_final_seconds.observe,
             shutdown=self.streams.shutdown,
+            turns=self.streams.turns,
         )
         started, interim_seen = time.monotonic(), False
         async for event in events:

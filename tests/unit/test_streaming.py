@@ -238,7 +238,7 @@ def test_idle_stream_is_closed_with_deadline_exceeded():
 class ScriptedRecognizer:
     """Finals answer at once; interims (background decodes) hang until cancelled."""
 
-    backlogged = False
+    room = 8
 
     def __init__(self) -> None:
         import asyncio
@@ -266,7 +266,7 @@ class ScriptedRecognizer:
 class RecordingRecognizer:
     """Answers every decode at once with the same tokens; records each call's draft."""
 
-    backlogged = False
+    room = 8
 
     def __init__(self) -> None:
         self.calls: list[tuple[bool, tuple[int, ...]]] = []
@@ -326,3 +326,40 @@ async def test_a_final_cancels_the_running_interim_instead_of_waiting_for_it():
     await asyncio.wait_for(consumer, 10)
     assert recognizer.interim_cancelled.is_set()
     assert [(e.result.text, e.result.is_final) for e in events] == [("1.5 s", True)]
+
+
+def test_interim_turns_go_to_the_most_overdue_streams_first():
+    """With room for one interim, the stream with the most audio not yet decoded goes first,
+    whoever asks first; a stream that leaves the line no longer holds anyone back."""
+    from server.streaming import InterimTurns
+
+    turns = InterimTurns()
+    a, b, c = object(), object(), object()
+    assert not turns.ask(a, 1.0, room=0)  # no room: waits in line
+    assert turns.ask(b, 3.0, room=1)  # the most overdue goes, though a asked first
+    assert turns.waiting == {a: 1.0}
+    assert not turns.ask(c, 0.5, room=1)  # a is more overdue and still waiting
+    assert turns.ask(c, 0.5, room=2)  # room for both: c needn't wait for a
+    assert not turns.ask(c, 0.2, room=1)
+    turns.leave(a)  # a's utterance ended, or it started its interim
+    assert turns.ask(c, 0.2, room=1)
+    assert turns.waiting == {}
+
+
+async def test_without_room_for_interims_a_stream_still_gets_its_finals():
+    import asyncio
+
+    from server.streaming import StreamLimits, run_stream
+
+    recognizer = RecordingRecognizer()
+    recognizer.room = 0  # a full batch always queued
+
+    async def chunks():
+        for _ in range(3):
+            yield pcm(tone(300, 1.0, 16_000))
+            await asyncio.sleep(0)
+
+    stream = run_stream(chunks(), cfg(interim_results=True), recognizer, StreamLimits())
+    events = [e async for e in stream]
+    assert [e.result.is_final for e in events if e.result] == [True]
+    assert recognizer.calls == [(False, ())]  # no interim was started
