@@ -229,9 +229,9 @@ class PcmDecoder:
 class InterimTurns:
     """Which streams re-decode next when not all can: the server has room for a few interims
     at a time (`Recognizer.room`), and those go to the streams whose utterances have gone
-    longest without a decode. First come, first served gave some streams interims every
-    second and others none for whole utterances (at 24 streams on two cores, 15 of 24 streams
-    got no interim at all). Streams ask at each piece of audio; one loop, no locks."""
+    longest without a decode. First come, first served left it to chance which streams got
+    them (the decode issue saw 15 of 24 streams get none at all); this doesn't make room,
+    it shares what there is. Streams ask at each piece of audio; one event loop, no locks."""
 
     def __init__(self) -> None:
         self.waiting: dict[object, float] = {}  # stream -> seconds of audio not yet decoded
