@@ -233,14 +233,24 @@ class InterimTurns:
     them (the decode issue saw 15 of 24 streams get none at all); this doesn't make room,
     it shares what there is. Streams ask at each piece of audio; one event loop, no locks."""
 
-    def __init__(self) -> None:
-        self.waiting: dict[object, float] = {}  # stream -> seconds of audio not yet decoded
+    # A place in line lapses when its stream hasn't asked again for this long (a live stream
+    # asks with every piece of audio): a client that paused sending holds nobody back.
+    HOLD_S = 1.0
 
-    def ask(self, stream: object, overdue_s: float, room: int) -> bool:
+    def __init__(self) -> None:
+        # stream -> (seconds of audio not yet decoded, monotonic time it asked)
+        self.waiting: dict[object, tuple[float, float]] = {}
+
+    def ask(self, stream: object, overdue_s: float, room: int, now: float | None = None) -> bool:
         """Whether `stream`, with `overdue_s` of audio since its last decode, starts its
-        interim now. It waits in line until then (or until `leave`)."""
-        self.waiting[stream] = overdue_s
-        ahead = sum(1 for k, s in self.waiting.items() if k is not stream and s > overdue_s)
+        interim now. It waits in line until then (or until `leave`, or HOLD_S of silence)."""
+        now = time.monotonic() if now is None else now
+        self.waiting[stream] = (overdue_s, now)
+        ahead = sum(
+            1
+            for k, (s, asked) in self.waiting.items()
+            if k is not stream and s > overdue_s and now - asked <= self.HOLD_S
+        )
         if ahead >= room:
             return False
         del self.waiting[stream]

@@ -335,15 +335,27 @@ def test_interim_turns_go_to_the_most_overdue_streams_first():
 
     turns = InterimTurns()
     a, b, c = object(), object(), object()
-    assert not turns.ask(a, 1.0, room=0)  # no room: waits in line
-    assert turns.ask(b, 3.0, room=1)  # the most overdue goes, though a asked first
-    assert turns.waiting == {a: 1.0}
-    assert not turns.ask(c, 0.5, room=1)  # a is more overdue and still waiting
-    assert turns.ask(c, 0.5, room=2)  # room for both: c needn't wait for a
-    assert not turns.ask(c, 0.2, room=1)
+    assert not turns.ask(a, 1.0, room=0, now=0.0)  # no room: waits in line
+    assert turns.ask(b, 3.0, room=1, now=0.1)  # the most overdue goes, though a asked first
+    assert set(turns.waiting) == {a}
+    assert not turns.ask(c, 0.5, room=1, now=0.2)  # a is more overdue and still waiting
+    assert turns.ask(c, 0.5, room=2, now=0.3)  # room for both: c needn't wait for a
+    assert not turns.ask(c, 0.2, room=1, now=0.4)
     turns.leave(a)  # a's utterance ended, or it started its interim
-    assert turns.ask(c, 0.2, room=1)
+    assert turns.ask(c, 0.2, room=1, now=0.5)
     assert turns.waiting == {}
+
+
+def test_a_stream_that_stopped_asking_holds_nobody_back():
+    """A client that paused sending (its stream stays open, up to the idle timeout) keeps
+    its place in line only for InterimTurns.HOLD_S."""
+    from server.streaming import InterimTurns
+
+    turns = InterimTurns()
+    paused, live = object(), object()
+    assert not turns.ask(paused, 5.0, room=0, now=0.0)
+    assert not turns.ask(live, 1.0, room=1, now=0.5)  # paused is ahead, and recent
+    assert turns.ask(live, 1.6, room=1, now=0.5 + InterimTurns.HOLD_S + 0.1)
 
 
 async def test_without_room_for_interims_a_stream_still_gets_its_finals():
