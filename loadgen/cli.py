@@ -47,7 +47,6 @@ from loadgen.config import (
 )
 from loadgen.dataset import DEFAULT_DATASET
 from loadgen.errors import LoadgenError
-from server.openmp import tune_openmp
 
 PASS_THROUGH = {
     "study": ("loadgen.inprocess.study", "the seed study (models x batch sizes); study compare"),
@@ -466,10 +465,13 @@ def _pass_through(command: str, argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # In-process servers run their models on a worker thread, as the server does: the same
-    # OpenMP wait policy, set before torch loads (server.openmp).
-    tune_openmp()
     if argv and argv[0] in PASS_THROUGH:
+        # In-process servers run their models on a worker thread, as the server does: the
+        # same OpenMP wait policy, set before torch loads (server.openmp). Only here: the
+        # Locust side imports nothing of the server.
+        from server.openmp import tune_openmp
+
+        tune_openmp()
         return _pass_through(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
