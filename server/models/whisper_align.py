@@ -8,8 +8,9 @@ heads, then dynamic time warping (transformers' `_extract_token_timestamps`). Th
 engine doesn't keep attention weights while it steps (its step is the hot loop); instead, when
 sequences finish, one teacher-forced pass over their tokens recomputes the weights of the
 alignment heads (causal attention gives each position the weights it had while decoding), up
-to the last layer that has an alignment head, and the same filter and warping follow (the
-transformers helpers themselves). `group_words` turns token times into words for both paths.
+to the last layer that has an alignment head, and the same filter and warping follow (ours,
+step for step those of transformers, whose helpers are private). `group_words` turns token
+times into words for both paths.
 
 Only the model worker thread calls `token_times`.
 """
@@ -23,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn import functional as F
-from transformers.models.whisper.generation_whisper import _median_filter
 
 from server.models.base import Word
 from server.models.shapes import padded_length
@@ -102,12 +102,24 @@ def _warp(matrix: torch.Tensor, filter_width: int) -> list[float]:
         return [0.0]  # only one token was generated: generate gives it time 0
     std = torch.std(matrix, dim=-2, keepdim=True, unbiased=False)
     mean = torch.mean(matrix, dim=-2, keepdim=True)
-    matrix = _median_filter((matrix - mean) / std, filter_width).mean(dim=0)
+    matrix = median_filter((matrix - mean) / std, filter_width).mean(dim=0)
     text_indices, time_indices = dynamic_time_warping(-matrix.cpu().double().numpy())
     jumps = np.pad(np.diff(text_indices), (1, 0), constant_values=1).astype(bool)
     times = (time_indices[jumps] * TIME_PRECISION_S).tolist()
     # float32, as generate's timestamp tensor holds them
     return [float(np.float32(t)) for t in [*times, times[-1]]]
+
+
+def median_filter(inputs: torch.Tensor, width: int) -> torch.Tensor:
+    """transformers' `_median_filter`: the median of each `width` values along the last
+    dimension, edges reflected; inputs shorter than half the width are returned as they are."""
+    if width <= 0 or width % 2 != 1:
+        raise ValueError(f"the median filter's width must be odd, not {width}")
+    half = width // 2
+    if inputs.shape[-1] <= half:
+        return inputs
+    padded = F.pad(inputs, (half, half, 0, 0), mode="reflect")
+    return padded.unfold(-1, width, 1).sort()[0][..., half]  # sort: faster than median
 
 
 def dynamic_time_warping(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ import torch
 from server.batching.continuous import ContinuousEngine, EngineConfig
 from server.models.base import DecodeOptions, WindowResult, WindowTask
 from server.models.whisper import WhisperModel
-from server.models.whisper_align import dynamic_time_warping
+from server.models.whisper_align import dynamic_time_warping, median_filter
 from server.models.whisper_language import detect_languages
 from server.models.whisper_step import GreedyRuntime
 from tests.unit.test_continuous import (  # noqa: F401 - one_thread: an autouse fixture
@@ -257,3 +257,17 @@ def test_dynamic_time_warping_takes_transformers_path(shape: tuple[int, int], ti
     want = _dynamic_time_warping(matrix)
     got = dynamic_time_warping(matrix)
     assert [list(a) for a in got] == [list(b) for b in want]
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3), (2, 5, 4), (6, 9, 750), (1, 3, 4, 40)])
+@pytest.mark.parametrize("width", [1, 7, 9])
+def test_median_filter_is_transformers(shape: tuple[int, ...], width: int) -> None:
+    """Ours, not transformers' private helper (gone in a release, the word times would go
+    with it): the same values, short inputs and ties included."""
+    from transformers.models.whisper.generation_whisper import _median_filter
+
+    x = torch.from_numpy(np.random.default_rng(width).standard_normal(shape)).float()
+    for inputs in (x, x.round()):
+        assert torch.equal(median_filter(inputs, width), _median_filter(inputs, width))
+    with pytest.raises(ValueError, match="odd"):
+        median_filter(x, 4)
