@@ -114,26 +114,15 @@ def read_clips(folder: Path) -> list[Spoken]:
 
 async def served(settings: Any, model: Any, clips: Sequence[Clip]) -> list[tuple[str, str]]:
     """(language_code, transcript) of each clip through the server, language left unset."""
-    import grpc
+    from loadgen.inprocess.measure import Served
 
-    from asr.v1 import asr_pb2, asr_pb2_grpc
-    from server.embedded import EmbeddedServer
-
-    server = EmbeddedServer(settings, model).start()
+    server = Served(settings, model, concurrency=1)
     try:
-        async with grpc.aio.insecure_channel(server.address) as channel:
-            stub = asr_pb2_grpc.SpeechStub(channel)
-            out = []
-            for clip in clips:
-                audio = asr_pb2.RecognitionAudio(content=clip.content)
-                response = await stub.Recognize(asr_pb2.RecognizeRequest(audio=audio), timeout=300)
-                results = list(response.results)
-                language = results[0].language_code if results else ""
-                text = " ".join(r.alternatives[0].transcript for r in results)
-                out.append((language, text))
-            return out
+        await server.run(clips, range(len(clips)))
     finally:
-        server.stop()
+        server.close()
+    row = server.row
+    return [(row.languages[i], row.texts[i]) for i in range(len(clips))]
 
 
 def generated(model: Any, clips: Sequence[Clip]) -> list[tuple[str, str]]:

@@ -47,6 +47,8 @@ class Row:
     latencies_s: list[float] = field(default_factory=list)
     texts: dict[int, str] = field(default_factory=dict)
     """Clip index -> transcript."""
+    languages: dict[int, str] = field(default_factory=dict)
+    """Clip index -> the language of its first result (served only; "" without results)."""
     batch_sizes: list[int] = field(default_factory=list)
     """The batch each file ran in (in process: the batch size; served: the server's timing)."""
     note: str = ""
@@ -150,11 +152,13 @@ class Served:
         async with grpc.aio.insecure_channel(self.server.address, options=CHANNEL) as channel:
             stub = asr_pb2_grpc.SpeechStub(channel)
 
-            async def transcribe(clip: Clip) -> tuple[str, int]:
+            async def transcribe(clip: Clip) -> tuple[str, int, str]:
                 audio = asr_pb2.RecognitionAudio(content=clip.content)
                 response = await stub.Recognize(asr_pb2.RecognizeRequest(audio=audio))
-                text = " ".join(r.alternatives[0].transcript for r in response.results)
-                return text, response.timing.batch_size
+                results = list(response.results)
+                text = " ".join(r.alternatives[0].transcript for r in results)
+                language = results[0].language_code if results else ""
+                return text, response.timing.batch_size, language
 
             if not self.warm:  # the batch shapes this concurrency makes, untimed
                 await asyncio.gather(*(transcribe(clips[j]) for j in indices[: self.concurrency]))
@@ -164,9 +168,9 @@ class Served:
             async def client() -> None:
                 while (i := next(cursor, None)) is not None:
                     t0 = time.perf_counter()
-                    text, batch = await transcribe(clips[i])
+                    text, batch, language = await transcribe(clips[i])
                     row.latencies_s.append(time.perf_counter() - t0)
-                    row.texts[i] = text
+                    row.texts[i], row.languages[i] = text, language
                     row.batch_sizes.append(batch)
 
             started = time.perf_counter()
