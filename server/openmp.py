@@ -22,10 +22,10 @@ the CPUs as oversubscribed (ACTIVE alone would then spin 30 billion times: cores
 the work ended). Either way an idle server sleeps.
 
 libgomp reads the environment once, when torch loads it, so `tune_openmp()` runs first thing
-in `python -m server` and `python -m loadgen` (whose in-process servers run their models on a
-worker thread too). An operator's own `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` wins: then nothing
-is changed. Other OpenMP runtimes (Intel's, LLVM's) read `OMP_WAIT_POLICY` too and ignore
-`GOMP_SPINCOUNT`.
+in `python -m server` and in `python -m loadgen`'s in-process commands (whose servers run their
+models on a worker thread too). An operator's own `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT`
+wins: then nothing is changed. Other OpenMP runtimes (Intel's, LLVM's) read `OMP_WAIT_POLICY`
+too and ignore `GOMP_SPINCOUNT`.
 """
 
 from __future__ import annotations
@@ -42,14 +42,11 @@ def tune_openmp(environ: MutableMapping[str, str] | None = None) -> str:
     either variable. Returns a line for the log saying what holds and why."""
     env = os.environ if environ is None else environ
     own = {k: env[k] for k in WAIT_POLICY if k in env}
-    if own:
-        return "OpenMP wait policy from the environment: " + ", ".join(
-            f"{k}={v}" for k, v in own.items()
-        )
-    env.update(WAIT_POLICY)
-    late = environ is None and "torch" in sys.modules
+    if not own:
+        env.update(WAIT_POLICY)
+    late = not own and environ is None and "torch" in sys.modules
     return (
-        "OpenMP wait policy: "
-        + ", ".join(f"{k}={v}" for k, v in WAIT_POLICY.items())
+        f"OpenMP wait policy{' from the environment' if own else ''}: "
+        + ", ".join(f"{k}={v}" for k, v in (own or WAIT_POLICY).items())
         + (" (too late: torch was already loaded)" if late else "")
     )
